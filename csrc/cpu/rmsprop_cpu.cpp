@@ -1,0 +1,132 @@
+// The fused CPU step: one pass over each tensor (read p, g and the state once, write them once),
+// split into chunks that at::parallel_for spreads over the threads. The inner loop is plain
+// scalar code over __restrict__ pointers that GCC vectorises (built with -O3 -fno-math-errno so
+// that sqrt vectorises too, and -ffp-contract=off so it rounds exactly like torch's CPU ops).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../rmsprop_op.h"
+#include "../rmsprop_update.h"
+
+namespace rmsprop_fused {
+namespace {
+
+// Elements per work item: large enough to amortise the per-chunk setup, small enough that the
+// two halves handed to two threads hold about the same number of elements.
+constexpr int64_t kCpuChunk = 1 << 15;
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename scalar_t>
+struct Pointers {
+  scalar_t* __restrict__ param;
+  scalar_t* __restrict__ grad;
+  scalar_t* __restrict__ square_avg;
+  scalar_t* __restrict__ grad_avg;
+  scalar_t* __restrict__ momentum_buffer;
+};
+
+template <typename scalar_t, bool kCentered, bool kMomentum, bool kWriteGrad>
+void update_range(const Pointers<scalar_t> ptr, int64_t begin, int64_t end,
+                  const StepScalars<at::opmath_type<scalar_t>> scalars) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* __restrict__ param = ptr.param;
+  scalar_t* __restrict__ grad = ptr.grad;
+  scalar_t* __restrict__ square_avg = ptr.square_avg;
+  scalar_t* __restrict__ grad_avg = ptr.grad_avg;
+  scalar_t* __restrict__ momentum_buffer = ptr.momentum_buffer;
+  for (int64_t i = begin; i < end; ++i) {
+    opmath_t p = static_cast<opmath_t>(param[i]);
+    opmath_t g = static_cast<opmath_t>(grad[i]);
+    opmath_t v = static_cast<opmath_t>(square_avg[i]);
+    opmath_t m = kCentered ? static_cast<opmath_t>(grad_avg[i]) : opmath_t(0);
+    opmath_t b = kMomentum ? static_cast<opmath_t>(momentum_buffer[i]) : opmath_t(0);
+    rmsprop_update<kCentered, kMomentum>(p, g, v, m, b, scalars);
+    param[i] = static_cast<scalar_t>(p);
+    square_avg[i] = static_cast<scalar_t>(v);
+    if (kWriteGrad) grad[i] = static_cast<scalar_t>(g);
+    if (kCentered) grad_avg[i] = static_cast<scalar_t>(m);
+    if (kMomentum) momentum_buffer[i] = static_cast<scalar_t>(b);
+  }
+}
+
+template <typename scalar_t, bool kCentered, bool kMomentum>
+void update_all(const TensorLists& lists, const StepScalars<at::opmath_type<scalar_t>>& scalars,
+                bool write_grad) {
+  const size_t n = lists.params.size();
+  std::vector<Pointers<scalar_t>> pointers(n);
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < n; ++t) {
+    pointers[t] = {lists.params[t].data_ptr<scalar_t>(), lists.grads[t].data_ptr<scalar_t>(),
+                   lists.square_avgs[t].data_ptr<scalar_t>(),
+                   kCentered ? lists.grad_avgs[t].data_ptr<scalar_t>() : nullptr,
+                   kMomentum ? lists.momentum_buffers[t].data_ptr<scalar_t>() : nullptr};
+    const int64_t numel = lists.params[t].numel();
+    for (int64_t begin = 0; begin < numel; begin += kCpuChunk) {
+      chunks.push_back({static_cast<int64_t>(t), begin, std::min(begin + kCpuChunk, numel)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& chunk = chunks[c];
+      if (write_grad) {
+        update_range<scalar_t, kCentered, kMomentum, true>(pointers[chunk.tensor], chunk.begin,
+                                                           chunk.end, scalars);
+      } else {
+        update_range<scalar_t, kCentered, kMomentum, false>(pointers[chunk.tensor], chunk.begin,
+                                                            chunk.end, scalars);
+      }
+    }
+  });
+}
+
+void rmsprop_cpu_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                  at::TensorList grad_avgs, at::TensorList momentum_buffers, double lr,
+                  double alpha, double eps, double weight_decay, double momentum, bool centered,
+                  bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
+                  const std::optional<at::Tensor>& lr_tensor,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  const TensorLists lists{params, grads, square_avgs, grad_avgs, momentum_buffers};
+  check_op_args(lists, centered, momentum, lr_tensor, grad_scale, found_inf, c10::DeviceType::CPU);
+  if (params.empty()) return;
+  // Any nonzero found_inf (GradScaler sums the flags of several devices) skips the whole step.
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;
+  if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(),
+                                  "rmsprop_fused_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    auto scalars = make_step_scalars<opmath_t>(lr, alpha, eps, weight_decay, momentum, maximize,
+                                               eps_in_sqrt, lr_in_momentum);
+    if (grad_scale.has_value()) {
+      scalars.unscale_grad = true;
+      scalars.grad_scale = static_cast<opmath_t>(grad_scale->item<double>());
+    }
+    const bool write_grad = grad_scale.has_value();
+    if (centered && momentum > 0) {
+      update_all<scalar_t, true, true>(lists, scalars, write_grad);
+    } else if (centered) {
+      update_all<scalar_t, true, false>(lists, scalars, write_grad);
+    } else if (momentum > 0) {
+      update_all<scalar_t, false, true>(lists, scalars, write_grad);
+    } else {
+      update_all<scalar_t, false, false>(lists, scalars, write_grad);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmsprop_fused, CPU, m) { m.impl("rmsprop_", &rmsprop_cpu_); }
+
+}  // namespace rmsprop_fused

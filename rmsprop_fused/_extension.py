@@ -1,0 +1,130 @@
+"""Loading the compiled op, and the `cpu` / `cuda` backends that call it.
+
+The shared object is loaded only when _build_info.json (written beside it by setup.py) says it
+was built against the torch that is running: a stale build is detected without importing it, so
+an upgraded torch never crashes `import rmsprop_fused`. Whatever goes wrong, the reason is kept
+for `python -m rmsprop_fused` and for the error of an explicit backend="cpu"/"cuda", and one
+warning is issued; backend="auto" falls back to Triton, then to the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from .errors import ExtensionUnavailableWarning
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_REBUILD = "rebuild it with `pip install --no-build-isolation .`"
+
+build_info: Optional[dict] = None
+load_error: Optional[str] = None  # why the extension could not be loaded; None when loaded
+
+
+def _load() -> None:
+    global build_info, load_error
+    path = os.path.join(_PACKAGE_DIR, "_build_info.json")
+    if os.environ.get("RMSPROP_FUSED_DISABLE_EXTENSION", "0") not in ("0", ""):
+        load_error = "disabled by RMSPROP_FUSED_DISABLE_EXTENSION"
+        return
+    try:
+        with open(path) as f:
+            build_info = json.load(f)
+    except FileNotFoundError:
+        load_error = f"the C++ extension is not built (no {os.path.basename(path)}): {_REBUILD}"
+        return
+    except (OSError, ValueError) as e:
+        load_error = f"cannot read {path}: {e}; {_REBUILD}"
+        return
+    built_for = build_info.get("torch_version")
+    if built_for != torch.__version__:
+        load_error = (
+            f"the C++ extension was built against torch {built_for} but torch {torch.__version__} "
+            f"is installed (the C++ ABI differs between releases): {_REBUILD}"
+        )
+        return
+    try:
+        importlib.import_module("rmsprop_fused._C")
+    except (ImportError, OSError) as e:
+        load_error = f"the C++ extension failed to load ({e}): {_REBUILD}"
+        return
+    if not hasattr(torch.ops.rmsprop_fused, "rmsprop_"):
+        load_error = f"the C++ extension loaded but registered no op rmsprop_fused::rmsprop_: {_REBUILD}"
+
+
+_load()
+if load_error is not None and os.environ.get("RMSPROP_FUSED_DISABLE_EXTENSION", "0") in ("0", ""):
+    warnings.warn(
+        f"rmsprop_fused: {load_error}. Falling back to the Triton or reference backend "
+        "(`python -m rmsprop_fused` shows what is available).",
+        ExtensionUnavailableWarning,
+        stacklevel=2,
+    )
+
+
+def _arch_list() -> list[tuple[int, int, bool]]:
+    """(major, minor, has_ptx) for each entry of the TORCH_CUDA_ARCH_LIST used at build time."""
+    archs = []
+    for entry in (build_info or {}).get("cuda_arch_list", "").replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        has_ptx = entry.endswith("+PTX")
+        major, minor = entry.replace("+PTX", "").split(".")[:2]
+        archs.append((int(major), int(minor.rstrip("a")), has_ptx))
+    return archs
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when the compiled op can update tensors on `device`, else why not."""
+    if load_error is not None:
+        return load_error
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"the extension has no kernel for {device.type} tensors"
+    if not build_info.get("cuda"):
+        return f"the extension was built without the CUDA kernel ({build_info.get('why_no_cuda')})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    major, minor = torch.cuda.get_device_capability(device)
+    # Machine code for X.Y runs on X.Z with Z >= Y; PTX for X.Y is JIT-compiled on anything newer.
+    runs = any(
+        (a_major == major and a_minor <= minor) or (has_ptx and (a_major, a_minor) <= (major, minor))
+        for a_major, a_minor, has_ptx in _arch_list()
+    )
+    if not runs:
+        return (
+            f"the CUDA kernel was built for {build_info.get('cuda_arch_list')!r} but this GPU is "
+            f"sm_{major}{minor}: rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}"
+        )
+    return None
+
+
+def rmsprop_extension(
+    params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
+    momentum, centered, maximize, eps_in_sqrt, lr_in_momentum, grad_scale=None, found_inf=None,
+) -> None:
+    """The `cpu` and `cuda` backends: the dispatcher picks the kernel by the tensors' device."""
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    torch.ops.rmsprop_fused.rmsprop_(
+        params, grads, square_avgs, grad_avgs, momentum_buffers,
+        lr=0.0 if lr_tensor is not None else float(lr), alpha=alpha, eps=eps,
+        weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+        eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum, lr_tensor=lr_tensor,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+if load_error is None:
+    # The op's fake implementation: it mutates its inputs in place and returns nothing, so under
+    # torch.compile it traces as an in-place extern call with no outputs to allocate.
+    @torch.library.register_fake("rmsprop_fused::rmsprop_")
+    def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps,
+                      weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
+                      lr_tensor=None, grad_scale=None, found_inf=None):
+        return None

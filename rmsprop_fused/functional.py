@@ -1,0 +1,266 @@
+"""The functional form of the fused RMSprop step: one signature, every backend.
+
+:func:`rmsprop` validates everything, then groups the tensors by (device, dtype) (complex tensors
+as ``torch.view_as_real`` pairs, DTensors as their local shards) and hands each group to the
+backend chosen for it. Each backend implements exactly the signature of :func:`rmsprop` minus
+``backend``, on one (device, dtype) group.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .errors import InvalidInputError, SparseGradientError
+
+__all__ = ["rmsprop", "check_hyperparameters", "check_param"]
+
+STATE_NAMES = ("square_avgs", "grad_avgs", "momentum_buffers")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+_DTensor = _dtensor_type() if torch.distributed.is_available() else None
+
+
+def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_scale=0.0, check_tensor_lr=False):
+    """torch.optim.RMSprop's checks and messages (NaN fails them too: `not 0.0 <= nan`).
+    A tensor lr's value is read (a host sync) only when check_tensor_lr is set."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"Tensor lr must be a real number, got dtype {lr.dtype}")
+        if check_tensor_lr and not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+    elif not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
+    elif not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    for name, value, label in (
+        ("eps", eps, "epsilon value"),
+        ("momentum", momentum, "momentum value"),
+        ("weight_decay", weight_decay, "weight_decay value"),
+        ("alpha", alpha, "alpha value"),
+        ("initial_scale", initial_scale, "initial_scale value"),
+    ):
+        if isinstance(value, Tensor) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {label}: {value}")
+    if not math.isfinite(initial_scale):
+        raise ValueError(f"Invalid initial_scale value: {initial_scale}")
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and gap-free (contiguous in some dimension order, e.g. channels_last)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Element i of both sits at the same flat offset (strides agree wherever size > 1)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _describe(t: Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
+
+
+def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool) -> None:
+    where = f"{name}[{index}]"
+    if not isinstance(t, Tensor):
+        raise InvalidInputError(index, f"{where} is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided:
+        if name == "grads":
+            raise SparseGradientError(index, f"RMSprop does not support sparse gradients ({where} is {t.layout})")
+        raise InvalidInputError(index, f"{where} has layout {t.layout}; state must be strided like its param")
+    if t.device != param.device or t.dtype != param.dtype or t.shape != param.shape:
+        kind = "state tensor" if as_state else "gradient"
+        raise InvalidInputError(
+            index, f"{where} ({kind}) is {_describe(t)} but its param is {_describe(param)}"
+        )
+    if not _same_layout(param, t):
+        raise InvalidInputError(
+            index, f"{where} has strides {t.stride()} but its param has strides {param.stride()} "
+            "(the fused update walks param, grad and state in the same memory order)"
+        )
+
+
+def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None) -> None:
+    """Checks one param against its grad and whatever state it has (None: not created yet).
+    Raises InvalidInputError (a ValueError) or SparseGradientError (a RuntimeError, with torch's
+    message), both carrying `index`."""
+    if not isinstance(param, Tensor):
+        raise InvalidInputError(index, f"params[{index}] is a {type(param).__name__}, not a tensor")
+    if param.is_meta:
+        raise InvalidInputError(
+            index, f"params[{index}] is on the meta device and has no data to update "
+            "(materialise the module first, e.g. module.to_empty(device=...))"
+        )
+    if param.layout != torch.strided:
+        raise InvalidInputError(index, f"params[{index}] has layout {param.layout}; only strided params are supported")
+    if not (param.is_floating_point() or param.is_complex()):
+        raise InvalidInputError(index, f"params[{index}] has dtype {param.dtype}; RMSprop updates floating-point params")
+    _check_companion(index, "grads", param, grad, as_state=False)
+    if not _is_dense(param):
+        raise InvalidInputError(
+            index, f"params[{index}] is not dense (shape {tuple(param.shape)}, strides {param.stride()}): "
+            "the fused update needs non-overlapping, gap-free memory; make it contiguous"
+        )
+    for name, t in zip(STATE_NAMES, (square_avg, grad_avg, momentum_buffer)):
+        if t is not None:
+            _check_companion(index, name, param, t, as_state=True)
+
+
+def _local(index: int, name: str, t, reference):
+    """A DTensor's local shard; DTensors must all share the param's mesh and placements, since the
+    update is elementwise and runs on each rank's shard."""
+    if _DTensor is None or not (isinstance(t, _DTensor) or isinstance(reference, _DTensor)):
+        return t
+    if not (isinstance(t, _DTensor) and isinstance(reference, _DTensor)):
+        raise InvalidInputError(index, f"{name}[{index}] and params[{index}] must both be DTensors or both plain tensors")
+    if t.device_mesh != reference.device_mesh or t.placements != reference.placements:
+        raise InvalidInputError(
+            index, f"{name}[{index}] is placed {t.placements} but params[{index}] is placed "
+            f"{reference.placements}; the elementwise update needs identical sharding"
+        )
+    return t.to_local()
+
+
+def _check_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum):
+    n = len(params)
+    expected = {"grads": n, "square_avgs": n, "grad_avgs": n if centered else 0, "momentum_buffers": n if momentum > 0 else 0}
+    for (name, want), got in zip(expected.items(), (grads, square_avgs, grad_avgs, momentum_buffers)):
+        if len(got) != want:
+            why = {"grad_avgs": f" (centered={centered})", "momentum_buffers": f" (momentum={momentum})"}.get(name, "")
+            raise ValueError(f"got {len(got)} {name} for {n} params{why}; expected {want}")
+
+
+def _check_scalar_tensor(name: str, t) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point():
+        raise ValueError(f"{name} must be a 1-element floating-point tensor or None, got {t!r}")
+
+
+def rmsprop(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    square_avgs: Sequence[Tensor],
+    grad_avgs: Sequence[Tensor] = (),
+    momentum_buffers: Sequence[Tensor] = (),
+    *,
+    lr: Union[float, Tensor] = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+    maximize: bool = False,
+    eps_in_sqrt: bool = False,
+    lr_in_momentum: bool = False,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> None:
+    r"""Applies one RMSprop step in place to lists of tensors (DESIGN.md section 1).
+
+    ``grad_avgs`` is used when ``centered`` and ``momentum_buffers`` when ``momentum > 0``; pass
+    empty lists otherwise (torch.optim.RMSprop's state has the same shape). ``lr`` may be a float
+    or a 1-element tensor, read on the device when it lives on the params' device (no host
+    sync). With ``grad_scale``, grads are divided by it inside the update and the unscaled grads
+    are written back; any nonzero ``found_inf`` leaves every tensor untouched.
+
+    Everything is validated before anything is written: a refused call changes nothing.
+    """
+    check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, backends.BACKENDS))})")
+    _check_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum)
+    for i in range(len(params)):
+        check_param(
+            i, params[i], grads[i], square_avgs[i],
+            grad_avgs[i] if centered else None, momentum_buffers[i] if momentum > 0 else None,
+        )
+    _check_scalar_tensor("grad_scale", grad_scale)
+    _check_scalar_tensor("found_inf", found_inf)
+    apply_checked(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, lr=lr, alpha=alpha, eps=eps,
+        weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
+        eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum, grad_scale=grad_scale,
+        found_inf=found_inf, backend=backend,
+    )
+
+
+def apply_checked(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps,
+                  weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
+                  grad_scale, found_inf, backend) -> None:
+    """The step for inputs that already passed the checks of :func:`rmsprop` (the optimizer
+    checks them itself, before it creates state). Backends are resolved for every group before
+    the first group is updated, so an unavailable backend also changes nothing."""
+    groups: dict = {}
+    for i, param in enumerate(params):
+        tensors = [param, grads[i], square_avgs[i]]
+        if centered:
+            tensors.append(grad_avgs[i])
+        if momentum > 0:
+            tensors.append(momentum_buffers[i])
+        if _DTensor is not None and isinstance(param, _DTensor):
+            names = ("params", "grads") + STATE_NAMES[: len(tensors) - 2]
+            tensors = [_local(i, name, t, param) for name, t in zip(names, tensors)]
+        if tensors[0].is_complex():
+            tensors = [torch.view_as_real(t) for t in tensors]
+        group = groups.setdefault((tensors[0].device, tensors[0].dtype), [[] for _ in range(5)])
+        for lst, t in zip(group, tensors[:3]):
+            lst.append(t)
+        if centered:
+            group[3].append(tensors[3])
+        if momentum > 0:
+            group[4].append(tensors[-1])
+
+    plan = [(device, backends.select(backend, device, dtype), lists) for (device, dtype), lists in groups.items()]
+    for device, name, lists in plan:
+        backends.implementation(name)(
+            *lists,
+            lr=_lr_for(lr, device),
+            alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+            maximize=maximize, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+            grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+        )
+
+
+def _lr_for(lr, device: torch.device):
+    """A tensor lr is read on the device when it lives there (capturable, no sync); a tensor
+    elsewhere is read once on the host, as torch.optim does."""
+    if isinstance(lr, Tensor):
+        return lr if lr.device == device else lr.item()
+    return float(lr)
+
+
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)

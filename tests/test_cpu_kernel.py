@@ -1,0 +1,97 @@
+"""The compiled CPU op against the reference backend: every option combination, every dtype,
+sizes around the vector width and the chunk size, misaligned views, and torch.library.opcheck."""
+
+import pytest
+import torch
+
+from common import (
+    OPTION_MATRIX, assert_lists_close, available, clone_lists, make_lists, option_id, poison, step,
+)
+
+pytestmark = pytest.mark.skipif(not available("cpu"), reason="the C++ extension is not built")
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 3, 4, 4097, 65537, 2**20 + 3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
+def test_every_option_and_dtype_matches_reference(options, dtype):
+    sizes = [0, 1, 3, 4, 5, 17, 4097]
+    lists = make_lists(sizes, dtype, centered=options["centered"], momentum=options["momentum"], seed=hash(option_id(options)) % 1000)
+    expected, actual = clone_lists(lists), clone_lists(lists)
+    step(expected, "reference", **options)
+    step(actual, "cpu", **options)
+    assert_lists_close(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
+def test_sizes_and_misaligned_views(dtype, offset):
+    options = dict(centered=True, momentum=0.9, weight_decay=0.1)
+    lists = make_lists(SIZES, dtype, centered=True, momentum=0.9, seed=7, offset=offset)
+    expected, actual = clone_lists(lists), clone_lists(lists)
+    step(expected, "reference", **options)
+    step(actual, "cpu", **options)
+    assert_lists_close(actual, expected)
+
+
+def test_every_element_is_written():
+    """Start from NaN state and params: the update reads them, so every written element of the
+    result is NaN too; and a fresh, finite state is fully overwritten (no NaN left) in a second
+    call on the same tensors."""
+    lists = make_lists([1, 3, 4097, 65537], torch.float32, centered=True, momentum=0.9, seed=3)
+    fresh = clone_lists(lists)
+    poison(lists)
+    step(lists, "cpu", centered=True, momentum=0.9)
+    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+        for t in lists[key]:
+            assert torch.isnan(t).all()
+    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+        for t, f in zip(lists[key], fresh[key]):
+            t.copy_(f)
+    step(lists, "cpu", centered=True, momentum=0.9)
+    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+        for t in lists[key]:
+            assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_amp_unscale_writes_back_grads_and_found_inf_skips(dtype):
+    lists = make_lists([3, 4097], dtype, momentum=0.9, seed=11)
+    grad_scale = torch.tensor(1024.0)
+    expected, actual = clone_lists(lists), clone_lists(lists)
+    step(expected, "reference", momentum=0.9, grad_scale=grad_scale)
+    step(actual, "cpu", momentum=0.9, grad_scale=grad_scale)
+    assert_lists_close(actual, expected)
+    for g, original in zip(actual["grads"], lists["grads"]):
+        assert not torch.equal(g, original)  # unscaled in place
+
+    for flag in (1.0, 2.0, float("nan")):  # any nonzero found_inf skips (GradScaler sums flags)
+        skipped = clone_lists(lists)
+        step(skipped, "cpu", momentum=0.9, grad_scale=grad_scale, found_inf=torch.tensor(flag))
+        for key in lists:
+            for t, original in zip(skipped[key], lists[key]):
+                assert torch.equal(t, original)
+
+
+def test_tensor_lr_equals_float_lr():
+    lists = make_lists([5, 4097], torch.float32, momentum=0.9, seed=5)
+    with_float, with_tensor = clone_lists(lists), clone_lists(lists)
+    step(with_float, "cpu", lr=0.03, momentum=0.9)
+    step(with_tensor, "cpu", lr=torch.tensor(0.03), momentum=0.9)
+    for key in lists:
+        for a, b in zip(with_tensor[key], with_float[key]):
+            assert torch.equal(a, b)
+
+
+def test_opcheck():
+    lists = make_lists([3, 17], torch.float32, centered=True, momentum=0.9, seed=2)
+    args = (lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"])
+    kwargs = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True,
+                  maximize=False, eps_in_sqrt=False, lr_in_momentum=False)
+    torch.library.opcheck(torch.ops.rmsprop_fused.rmsprop_.default, args, kwargs)
+    torch.library.opcheck(
+        torch.ops.rmsprop_fused.rmsprop_.default, args,
+        dict(kwargs, lr_tensor=torch.tensor(0.02), grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0)),
+    )
