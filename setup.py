@@ -89,6 +89,12 @@ def extensions_and_cmdclass():
     # backend produces the same bits for the same inputs.
     cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     nvcc_flags = ["-O3", "--fmad=false", "-lineinfo"]
+    # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in parallel
+    # when the extension itself is compiled with OpenMP.
+    link_flags = []
+    if torch._C.has_openmp:
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
 
     sources = ["csrc/rmsprop_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -99,11 +105,13 @@ def extensions_and_cmdclass():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         print(f"rmsprop_fused: building without the CUDA kernel: {why_no_cuda}")
         main = CppExtension(
-            "rmsprop_fused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "rmsprop_fused._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     extensions = [main]
     host_sources = sorted(glob.glob("csrc/cuda_on_host/*.cpp"))
@@ -114,6 +122,7 @@ def extensions_and_cmdclass():
                 host_sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         )
 

@@ -21,6 +21,11 @@ from .errors import InvalidInputError, SparseGradientError
 __all__ = ["rmsprop", "check_hyperparameters", "check_param"]
 
 STATE_NAMES = ("square_avgs", "grad_avgs", "momentum_buffers")
+# How FusedRMSprop names the tensors in its messages ("param group 1, param 3: grad is ...").
+_OPTIMIZER_LABELS = {
+    "params": "param", "grads": "grad", "square_avgs": "state['square_avg']",
+    "grad_avgs": "state['grad_avg']", "momentum_buffers": "state['momentum_buffer']",
+}
 
 
 def _dtensor_type():
@@ -89,50 +94,55 @@ def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
 
-def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool) -> None:
-    where = f"{name}[{index}]"
+def _label(index: int, name: str, where: Optional[str]) -> str:
+    return f"{name}[{index}]" if where is None else f"{where}: {_OPTIMIZER_LABELS[name]}"
+
+
+def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool, where: Optional[str]) -> None:
+    label = _label(index, name, where)
     if not isinstance(t, Tensor):
-        raise InvalidInputError(index, f"{where} is a {type(t).__name__}, not a tensor")
+        raise InvalidInputError(index, f"{label} is a {type(t).__name__}, not a tensor")
     if t.layout != torch.strided:
         if name == "grads":
-            raise SparseGradientError(index, f"RMSprop does not support sparse gradients ({where} is {t.layout})")
-        raise InvalidInputError(index, f"{where} has layout {t.layout}; state must be strided like its param")
+            raise SparseGradientError(index, f"RMSprop does not support sparse gradients ({label} has layout {t.layout})")
+        raise InvalidInputError(index, f"{label} has layout {t.layout}; state must be strided like its param")
     if t.device != param.device or t.dtype != param.dtype or t.shape != param.shape:
         kind = "state tensor" if as_state else "gradient"
-        raise InvalidInputError(
-            index, f"{where} ({kind}) is {_describe(t)} but its param is {_describe(param)}"
-        )
+        raise InvalidInputError(index, f"{label} ({kind}) is {_describe(t)} but the param is {_describe(param)}")
     if not _same_layout(param, t):
         raise InvalidInputError(
-            index, f"{where} has strides {t.stride()} but its param has strides {param.stride()} "
+            index, f"{label} has strides {t.stride()} but the param has strides {param.stride()} "
             "(the fused update walks param, grad and state in the same memory order)"
         )
 
 
-def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None) -> None:
+def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,
+                where: Optional[str] = None) -> None:
     """Checks one param against its grad and whatever state it has (None: not created yet).
     Raises InvalidInputError (a ValueError) or SparseGradientError (a RuntimeError, with torch's
-    message), both carrying `index`."""
+    message), both carrying `index`. Messages name the tensors by list and index
+    ("grads[3]"), or, given `where` ("param group 1, param 3"), as the optimizer sees them."""
+    name = _label(index, "params", where)
     if not isinstance(param, Tensor):
-        raise InvalidInputError(index, f"params[{index}] is a {type(param).__name__}, not a tensor")
+        raise InvalidInputError(index, f"{name} is a {type(param).__name__}, not a tensor")
     if param.is_meta:
         raise InvalidInputError(
-            index, f"params[{index}] is on the meta device and has no data to update "
+            index, f"{name} is on the meta device and has no data to update "
             "(materialise the module first, e.g. module.to_empty(device=...))"
         )
     if param.layout != torch.strided:
-        raise InvalidInputError(index, f"params[{index}] has layout {param.layout}; only strided params are supported")
+        raise InvalidInputError(index, f"{name} has layout {param.layout}; only strided params are supported")
     if not (param.is_floating_point() or param.is_complex()):
-        raise InvalidInputError(index, f"params[{index}] has dtype {param.dtype}; RMSprop updates floating-point params")
-    _check_companion(index, "grads", param, grad, as_state=False)
+        raise InvalidInputError(index, f"{name} has dtype {param.dtype}; RMSprop updates floating-point params")
+    _check_companion(index, "grads", param, grad, as_state=False, where=where)
     if not _is_dense(param):
         raise InvalidInputError(
-            index, f"params[{index}] is not dense (shape {tuple(param.shape)}, strides {param.stride()}): "
+            index, f"{name} is not dense (shape {tuple(param.shape)}, strides {param.stride()}): "
             "the fused update needs non-overlapping, gap-free memory; make it contiguous"
         )
-    for name, t in zip(STATE_NAMES, (square_avg, grad_avg, momentum_buffer)):
+    for state_name, t in zip(STATE_NAMES, (square_avg, grad_avg, momentum_buffer)):
         if t is not None:
-            _check_companion(index, name, param, t, as_state=True)
+            _check_companion(index, state_name, param, t, as_state=True, where=where)
 
 
 def _local(index: int, name: str, t, reference):

@@ -9,7 +9,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
-from .errors import InvalidInputError
 from .functional import STATE_NAMES, apply_checked, check_hyperparameters, check_param
 
 __all__ = ["FusedRMSprop"]
@@ -145,10 +144,7 @@ class FusedRMSprop(Optimizer):
                 states[1] = None
             if group["momentum"] <= 0:
                 states[2] = None
-            try:
-                check_param(index, p, p.grad, *states)
-            except InvalidInputError as e:
-                raise type(e)(index, f"param group {group_index}, param {index}: {e.detail}") from None
+            check_param(index, p, p.grad, *states, where=f"param group {group_index}, param {index}")
             gathered.append((p, state))
         return gathered
 

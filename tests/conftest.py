@@ -10,6 +10,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    """scripts/test.sh sets these so that a build that silently lost its extension fails CI
+    instead of skipping the kernel tests."""
+    from rmsprop_fused import _extension
+
+    if os.environ.get("RMSPROP_FUSED_REQUIRE_EXTENSION") == "1" and _extension.load_error is not None:
+        raise pytest.UsageError(f"RMSPROP_FUSED_REQUIRE_EXTENSION=1 but {_extension.load_error}")
+    if os.environ.get("RMSPROP_FUSED_REQUIRE_CUDA_BUILD") == "1" and not (_extension.build_info or {}).get("cuda"):
+        why = (_extension.build_info or {}).get("why_no_cuda") or _extension.load_error
+        raise pytest.UsageError(f"RMSPROP_FUSED_REQUIRE_CUDA_BUILD=1 but the CUDA kernel was not built: {why}")
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up a fresh clone: a virtual environment in .venv with torch and the test/bench tools,
+# then builds and installs rmsprop_fused (C++ CPU kernel, and the CUDA kernel when nvcc is found).
+# Sourced by scripts/main.sh and scripts/test.sh; safe to run again (it reuses what is there).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}   # any torch >= 2.4 works; this one matches nvcc 13.0 here
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip setuptools wheel
+python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
+python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm
+
+# nvcc outside PATH (e.g. /usr/local/cuda/bin) is found by setup.py; with no GPU present the
+# CUDA kernel is compiled for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+python -m pip install -q --no-build-isolation .
+python -m rmsprop_fused

@@ -1,0 +1,322 @@
+"""FusedRMSprop against torch.optim.RMSprop (its for-loop path) and against hand-written loops
+of the TF / Keras / d2l / timm variants; state_dict compatibility; options and errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rmsprop_fused
+from rmsprop_fused import FusedRMSprop
+from common import assert_close, available
+
+# The configurations torch's own test suite uses for RMSprop (torch/testing/_internal/
+# common_optimizers.py, optim_inputs_func_rmsprop), plus momentum alone.
+TORCH_CONFIGS = {
+    "default": {},
+    "lr": dict(lr=1e-3),
+    "weight_decay": dict(weight_decay=0.1),
+    "maximize": dict(maximize=True),
+    "weight_decay-centered": dict(weight_decay=0.1, centered=True),
+    "maximize-weight_decay": dict(maximize=True, weight_decay=0.1),
+    "weight_decay-centered-momentum": dict(weight_decay=0.1, centered=True, momentum=0.1),
+    "maximize-weight_decay-centered-momentum": dict(maximize=True, weight_decay=0.1, centered=True, momentum=0.1),
+    "tensor_lr": dict(lr=torch.tensor(1e-3)),
+    "momentum": dict(momentum=0.9),
+}
+CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b)]
+STEPS = 12
+
+
+class SmallModel(nn.Module):
+    """An MLP plus the awkward cases: a zero-size param and a param whose grad is None on odd steps."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.hidden = nn.Linear(6, 5, dtype=dtype)
+        self.out = nn.Linear(5, 3, dtype=dtype)
+        self.empty = nn.Parameter(torch.empty(0, 4, dtype=dtype))
+        self.sometimes = nn.Parameter(torch.randn(4, dtype=dtype))
+
+    def forward(self, x, step):
+        y = self.out(torch.tanh(self.hidden(x)))
+        loss = y.square().mean() + self.empty.sum()
+        if step % 2 == 0:
+            loss = loss + (self.sometimes * y[:, :1].mean()).sum()
+        return loss
+
+
+def param_groups(model, config):
+    """Several groups with different options: the group-level overrides differ from the defaults."""
+    return [
+        {"params": [model.hidden.weight, model.hidden.bias, model.empty]},
+        {"params": [model.out.weight, model.out.bias], "lr": 0.02, "alpha": 0.9},
+        {"params": [model.sometimes], "momentum": 0.5, "centered": not config.get("centered", False)},
+    ]
+
+
+def train(model, optimizer, steps, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        x = torch.randn(8, 6, generator=gen, dtype=torch.float64).to(dtype)
+        optimizer.zero_grad()
+        model(x, step).backward()
+        if step % 2 == 1:
+            model.sometimes.grad = None
+        optimizer.step()
+        yield step
+
+
+def make_pair(config, dtype, backend, seed=0):
+    torch.manual_seed(seed)
+    model = SmallModel(dtype)
+    twin = copy.deepcopy(model)
+    ours = FusedRMSprop(param_groups(model, config), backend=backend, **config)
+    theirs = torch.optim.RMSprop(param_groups(twin, config), foreach=False, **config)
+    return model, ours, twin, theirs
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("name", TORCH_CONFIGS)
+def test_float64_matches_torch_to_1e12(name, backend):
+    model, ours, twin, theirs = make_pair(TORCH_CONFIGS[name], torch.float64, backend)
+    for _ in zip(train(model, ours, STEPS, torch.float64), train(twin, theirs, STEPS, torch.float64)):
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        for key, value in theirs.state[b].items():
+            torch.testing.assert_close(ours.state[a][key].cpu(), value.cpu(), rtol=1e-12, atol=1e-12)
+    assert ours.state[model.sometimes]["step"].item() == STEPS // 2
+    assert model.empty not in ours.state or ours.state[model.empty]["square_avg"].numel() == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", TORCH_CONFIGS)
+def test_float32_matches_torch_within_ulps_per_step(name, backend):
+    model, ours, twin, theirs = make_pair(TORCH_CONFIGS[name], torch.float32, backend)
+    for step in zip(train(model, ours, STEPS, torch.float32), train(twin, theirs, STEPS, torch.float32)):
+        for a, b in zip(model.parameters(), twin.parameters()):
+            assert_close(a, b, steps=step[0] + 1, name=f"step {step[0]}")
+
+
+def test_state_keys_and_types_are_torchs():
+    model, ours, twin, theirs = make_pair(dict(centered=True, momentum=0.9), torch.float32, "auto")
+    for _ in zip(train(model, ours, 2, torch.float32), train(twin, theirs, 2, torch.float32)):
+        pass
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert set(ours.state[a]) == set(theirs.state[b])
+        step = ours.state[a]["step"]
+        assert step.dtype == torch.float32 and step.dim() == 0
+    plain = FusedRMSprop([nn.Parameter(torch.randn(3))])
+    plain.param_groups[0]["params"][0].grad = torch.randn(3)
+    plain.step()
+    assert set(next(iter(plain.state.values()))) == {"step", "square_avg"}
+
+
+# ---------------------------------------------------------------- variants vs hand-written loops
+
+
+def run_fused(p0, grads, **options):
+    p = nn.Parameter(p0.clone())
+    opt = FusedRMSprop([p], **options)
+    trajectory = []
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        trajectory.append(p.detach().clone())
+    return trajectory
+
+
+def draw(n_steps, shape=(7,), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return p0, [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(n_steps)]
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_d2l_from_scratch_rmsprop(backend):
+    """d2l 12.8: s = gamma*s + (1-gamma)*g**2; p -= lr*g/sqrt(s+eps)."""
+    lr, gamma, eps = 0.01, 0.9, 1e-6
+    p0, grads = draw(20)
+    ours = run_fused(p0, grads, lr=lr, alpha=gamma, eps=eps, eps_in_sqrt=True, backend=backend)
+    p, s = p0.clone(), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        s = gamma * s + (1 - gamma) * g**2
+        p = p - lr * g / torch.sqrt(s + eps)
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("initial_scale", [0.0, 1.0], ids=["keras", "tf1"])
+def test_tf1_and_keras_formula(backend, centered, initial_scale):
+    """TF1 RMSPropOptimizer (ms starts at ones) and Keras 3 RMSprop (starts at zeros):
+    ms = rho*ms + (1-rho)*g^2; [mg = rho*mg + (1-rho)*g; den = ms - mg^2 + eps]; mom = momentum*mom + lr*g/sqrt(den); p -= mom."""
+    lr, rho, momentum, eps = 0.001, 0.9, 0.9, 1e-7
+    p0, grads = draw(25, seed=1)
+    ours = run_fused(p0, grads, lr=lr, alpha=rho, eps=eps, momentum=momentum, centered=centered,
+                     eps_in_sqrt=True, initial_scale=initial_scale, lr_in_momentum=True, backend=backend)
+    p, ms, mg, mom = p0.clone(), torch.full_like(p0, initial_scale), torch.zeros_like(p0), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        ms = rho * ms + (1 - rho) * g * g
+        den = ms + eps
+        if centered:
+            mg = rho * mg + (1 - rho) * g
+            den = ms - mg * mg + eps
+        mom = momentum * mom + lr * g / torch.sqrt(den)
+        p = p - mom
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_timm_rmsproptf_defaults(backend, momentum):
+    """timm's RMSpropTF(lr=1e-2, alpha=0.9, eps=1e-10, weight_decay, momentum), its update written
+    as timm writes it: square_avg starts at ones, v += (1-alpha)*(g^2 - v), avg = sqrt(v + eps),
+    buf = momentum*buf + lr*g/avg (lr_in_momentum), p -= buf; coupled weight decay."""
+    lr, alpha, eps, wd = 1e-2, 0.9, 1e-10, 0.01
+    p0, grads = draw(25, seed=2)
+    ours = run_fused(p0, grads, lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum,
+                     eps_in_sqrt=True, initial_scale=1.0, lr_in_momentum=True, backend=backend)
+    p, v, buf = p0.clone(), torch.ones_like(p0), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        g = g + wd * p
+        v = v + (1 - alpha) * (g * g - v)
+        avg = torch.sqrt(v + eps)
+        if momentum > 0:
+            buf = momentum * buf + lr * g / avg
+            p = p - buf
+        else:
+            p = p - lr * g / avg
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+def test_complex_params_match_torch():
+    torch.manual_seed(4)
+    p = nn.Parameter(torch.randn(5, 3, dtype=torch.complex128))
+    q = nn.Parameter(p.detach().clone())
+    ours = FusedRMSprop([p], centered=True, momentum=0.5, weight_decay=0.1)
+    theirs = torch.optim.RMSprop([q], centered=True, momentum=0.5, weight_decay=0.1, foreach=False)
+    for _ in range(10):
+        g = torch.randn(5, 3, dtype=torch.complex128)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_complex_initial_scale_fills_real_and_imaginary_parts():
+    p = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = FusedRMSprop([p], initial_scale=1.0, eps_in_sqrt=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(torch.view_as_real(opt.state[p]["square_avg"]), torch.full((3, 2), 0.99))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_params_are_computed_in_float32_and_rounded_once(dtype):
+    torch.manual_seed(5)
+    p = nn.Parameter(torch.randn(1000, dtype=dtype))
+    p32 = nn.Parameter(p.detach().float())
+    ours = FusedRMSprop([p], momentum=0.9, centered=True)
+    oracle = FusedRMSprop([p32], momentum=0.9, centered=True, backend="reference")
+    g = torch.randn(1000, dtype=dtype)
+    p.grad, p32.grad = g, g.float()
+    ours.step()
+    oracle.step()
+    assert_close(p, p32.detach().to(dtype), name="one rounding of the float32 step")
+
+
+def test_float16_zero_gradient_gives_no_nan_unlike_torch():
+    p = nn.Parameter(torch.ones(4, dtype=torch.float16))
+    q = nn.Parameter(torch.ones(4, dtype=torch.float16))
+    ours, theirs = FusedRMSprop([p]), torch.optim.RMSprop([q], foreach=False)
+    p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    ours.step()
+    theirs.step()
+    assert torch.equal(p, torch.ones_like(p))
+    assert torch.isnan(q).all()  # eps=1e-8 underflows to 0 in fp16: 0/0 (DESIGN.md section 1)
+
+
+# ---------------------------------------------------------------- state_dict both ways
+
+
+@pytest.mark.parametrize("direction", ["torch->fused", "fused->torch"])
+@pytest.mark.parametrize("config", ["default", "weight_decay-centered-momentum", "momentum"])
+def test_state_dict_round_trip_continues_identically(direction, config):
+    options = TORCH_CONFIGS[config]
+    torch.manual_seed(6)
+    model = SmallModel(torch.float64)
+    reference_model = copy.deepcopy(model)
+    reference = torch.optim.RMSprop(param_groups(reference_model, options), foreach=False, **options)
+    first_cls, second_cls = (torch.optim.RMSprop, FusedRMSprop) if direction == "torch->fused" else (FusedRMSprop, torch.optim.RMSprop)
+    first_kwargs = {"foreach": False} if first_cls is torch.optim.RMSprop else {}
+    second_kwargs = {"foreach": False} if second_cls is torch.optim.RMSprop else {}
+    first = first_cls(param_groups(model, options), **first_kwargs, **options)
+    for _ in zip(train(model, first, 5, torch.float64), train(reference_model, reference, 5, torch.float64)):
+        pass
+    saved = first.state_dict()
+    resumed_model = copy.deepcopy(model)
+    second = second_cls(param_groups(resumed_model, options), **second_kwargs, **options)
+    second.load_state_dict(saved)
+    for _ in zip(train(resumed_model, second, 7, torch.float64, seed=1), train(reference_model, reference, 7, torch.float64, seed=1)):
+        pass
+    for a, b in zip(resumed_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for key, value in reference.state[b].items():
+            torch.testing.assert_close(second.state[a][key].cpu(), value.cpu(), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- schedulers, closure, options
+
+
+def test_lr_scheduler_drives_the_step():
+    torch.manual_seed(7)
+    p, q = nn.Parameter(torch.randn(10, dtype=torch.float64)), None
+    q = nn.Parameter(p.detach().clone())
+    ours, theirs = FusedRMSprop([p], lr=0.1, momentum=0.9), torch.optim.RMSprop([q], lr=0.1, momentum=0.9, foreach=False)
+    sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=3, gamma=0.5)
+    sched_theirs = torch.optim.lr_scheduler.StepLR(theirs, step_size=3, gamma=0.5)
+    for _ in range(10):
+        g = torch.randn(10, dtype=torch.float64)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step(), theirs.step()
+        sched_ours.step(), sched_theirs.step()
+    assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"] == 0.1 * 0.5**3
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = FusedRMSprop([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 5.0
+    assert p.grad is not None and not torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
+
+
+def test_defaults_are_torchs():
+    import inspect
+
+    ours = inspect.signature(FusedRMSprop).parameters
+    theirs = inspect.signature(torch.optim.RMSprop).parameters
+    for name in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable", "maximize"):
+        assert ours[name].default == theirs[name].default, name
+
+
+def test_main_module_reports_every_backend(capsys):
+    from rmsprop_fused.__main__ import main
+
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert f"rmsprop_fused {rmsprop_fused.__version__}" in out and f"torch {torch.__version__}" in out
+    for backend in ("reference", "cpu", "cuda"):
+        assert f"  {backend} " in out
