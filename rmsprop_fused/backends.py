@@ -56,7 +56,9 @@ def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch
     raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, BACKENDS))})")
 
 
-@functools.lru_cache(maxsize=None)
+# Under torch.compile the choice is made eagerly at trace time (and baked into the graph): it
+# depends only on what is installed and which GPU is present, never on tensor values.
+@torch.compiler.assume_constant_result
 def select(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that updates a (device, dtype) group; raises BackendUnavailableError when an
     explicitly requested one cannot, saying why."""
