@@ -52,7 +52,10 @@ class FusedRMSprop(Optimizer):
         capturable (bool): the step may be captured in a CUDA graph; a tensor lr must then live
             on the params' device, where it is read at replay (default: False). The step never
             synchronises with the host either way.
+        foreach (bool, optional): accepted for compatibility with torch.optim.RMSprop and
+            ignored: the step is always one fused pass (default: None).
         maximize (bool): maximize the objective instead of minimizing it (default: False).
+        differentiable (bool): must be False: the fused step is not differentiable.
         eps_in_sqrt (bool): eps inside the square root, as d2l, TF1, Keras, optax and timm's
             RMSpropTF do (default: False, torch's eps outside the root).
         initial_scale (float): the value square_avg starts at: 0 for torch/Keras/d2l, 1 for
@@ -80,7 +83,9 @@ class FusedRMSprop(Optimizer):
         momentum: float = 0,
         centered: bool = False,
         capturable: bool = False,
+        foreach: Optional[bool] = None,
         maximize: bool = False,
+        differentiable: bool = False,
         *,
         eps_in_sqrt: bool = False,
         initial_scale: float = 0.0,
@@ -89,10 +94,16 @@ class FusedRMSprop(Optimizer):
     ) -> None:
         check_hyperparameters(lr, alpha, eps, weight_decay, momentum, initial_scale=initial_scale, check_tensor_lr=True)
         _check_backend_name(backend)
+        if differentiable:
+            raise ValueError(
+                "FusedRMSprop does not support differentiable=True: the fused step is not "
+                "differentiable (use torch.optim.RMSprop(differentiable=True))"
+            )
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-            centered=centered, capturable=capturable, maximize=maximize, eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale, lr_in_momentum=lr_in_momentum, backend=backend,
+            centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
+            differentiable=False, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
+            lr_in_momentum=lr_in_momentum, backend=backend,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -109,6 +120,8 @@ class FusedRMSprop(Optimizer):
             group.setdefault("centered", False)
             group.setdefault("maximize", False)
             group.setdefault("capturable", False)
+            group.setdefault("foreach", None)
+            group.setdefault("differentiable", False)
             for key, value in _OUR_DEFAULTS.items():
                 group.setdefault(key, value)
 
@@ -121,6 +134,8 @@ class FusedRMSprop(Optimizer):
             initial_scale=group["initial_scale"], check_tensor_lr=check_tensor_lr,
         )
         _check_backend_name(group["backend"])
+        if group.get("differentiable"):
+            raise ValueError("FusedRMSprop does not support differentiable=True (a group loaded from torch.optim.RMSprop?)")
 
     def _gather(self, group_index: int, group: dict):
         """The params of a group that have a grad, with their existing state, checked.

@@ -303,13 +303,17 @@ def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
     assert p.grad is not None and not torch.equal(p.detach(), torch.tensor([1.0, -2.0]))
 
 
-def test_defaults_are_torchs():
+def test_signature_is_torchs_plus_keyword_only_extras():
+    """Positional arguments and defaults as torch.optim.RMSprop's, so that a swap cannot shift one."""
     import inspect
 
-    ours = inspect.signature(FusedRMSprop).parameters
-    theirs = inspect.signature(torch.optim.RMSprop).parameters
-    for name in ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable", "maximize"):
-        assert ours[name].default == theirs[name].default, name
+    ours = list(inspect.signature(FusedRMSprop).parameters.values())
+    theirs = list(inspect.signature(torch.optim.RMSprop).parameters.values())
+    assert [(p.name, p.default) for p in ours[: len(theirs)]] == [(p.name, p.default) for p in theirs]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+    assert FusedRMSprop([nn.Parameter(torch.randn(2))], foreach=True).defaults["foreach"] is True
+    with pytest.raises(ValueError, match="differentiable=True"):
+        FusedRMSprop([nn.Parameter(torch.randn(2))], differentiable=True)
 
 
 def test_main_module_reports_every_backend(capsys):
