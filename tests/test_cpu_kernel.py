@@ -95,3 +95,39 @@ def test_opcheck():
         torch.ops.rmsprop_fused.rmsprop_.default, args,
         dict(kwargs, lr_tensor=torch.tensor(0.02), grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0)),
     )
+
+
+def _disassembly_of_update_loops():
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    import rmsprop_fused
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed")
+    (so,) = glob.glob(os.path.join(os.path.dirname(rmsprop_fused.__file__), "_C*.so"))
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    # Keep the functions of the update: update_all<scalar_t, ...> and the OpenMP bodies it
+    # outlines (named after it, mangled, with an ._omp_fn suffix), where the loop is inlined.
+    bodies, keep = [], False
+    for line in text.splitlines():
+        if line.endswith(">:"):
+            keep = "update_all" in line
+        if keep:
+            bodies.append(line)
+    return "\n".join(bodies)
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_inner_loops_are_vectorised_including_sqrt():
+    """GCC vectorises sqrt only with -fno-math-errno; without it the loop calls sqrtf for errno and
+    runs at a third of the speed. Packed sqrt and division in the fp32 and fp64 loops prove the
+    vector path is there."""
+    code = _disassembly_of_update_loops()
+    assert code, "no update_all functions found in the extension"
+    for instruction in ("sqrtps", "sqrtpd", "divps", "divpd"):
+        assert instruction in code, f"{instruction} missing: the inner loop is not vectorised"
+    assert "call" not in "\n".join(l for l in code.splitlines() if "sqrt" in l), "sqrt is called, not inlined"
