@@ -1,5 +1,5 @@
 // The fused CPU step: one pass over each tensor (read p, g and the state once, write them once),
-// split into chunks that at::parallel_for spreads over the threads. The inner loop is plain
+// with the elements of all tensors split evenly between at::parallel_for's threads. The inner loop is plain
 // scalar code over __restrict__ pointers that GCC vectorises (built with -O3 -fno-math-errno so
 // that sqrt vectorises too, and -ffp-contract=off so it rounds exactly like torch's CPU ops).
 #include <ATen/Dispatch.h>
@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../rmsprop_op.h"
@@ -16,15 +17,9 @@
 namespace rmsprop_fused {
 namespace {
 
-// Elements per work item: large enough to amortise the per-chunk setup, small enough that the
-// two halves handed to two threads hold about the same number of elements.
-constexpr int64_t kCpuChunk = 1 << 15;
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
+// Below this many elements in a whole call, one thread does the work: waking the thread pool
+// costs more than it saves (at::parallel_for runs inline when the range fits in one grain).
+constexpr int64_t kParallelGrain = 1 << 15;
 
 template <typename scalar_t>
 struct Pointers {
@@ -62,28 +57,30 @@ void update_range(const Pointers<scalar_t> ptr, int64_t begin, int64_t end,
 template <typename scalar_t, bool kCentered, bool kMomentum>
 void update_all(const TensorLists& lists, const StepScalars<at::opmath_type<scalar_t>>& scalars,
                 bool write_grad) {
+  // All tensors are treated as one range of elements, split evenly between the threads: a
+  // thread's share may start and end in the middle of a tensor, so one huge embedding and
+  // thousands of small biases balance alike.
   const size_t n = lists.params.size();
   std::vector<Pointers<scalar_t>> pointers(n);
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> starts(n + 1, 0);  // starts[t]: index of tensor t's first element
   for (size_t t = 0; t < n; ++t) {
     pointers[t] = {lists.params[t].data_ptr<scalar_t>(), lists.grads[t].data_ptr<scalar_t>(),
                    lists.square_avgs[t].data_ptr<scalar_t>(),
                    kCentered ? lists.grad_avgs[t].data_ptr<scalar_t>() : nullptr,
                    kMomentum ? lists.momentum_buffers[t].data_ptr<scalar_t>() : nullptr};
-    const int64_t numel = lists.params[t].numel();
-    for (int64_t begin = 0; begin < numel; begin += kCpuChunk) {
-      chunks.push_back({static_cast<int64_t>(t), begin, std::min(begin + kCpuChunk, numel)});
-    }
+    starts[t + 1] = starts[t] + lists.params[t].numel();
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& chunk = chunks[c];
+  at::parallel_for(0, starts[n], kParallelGrain, [&](int64_t begin, int64_t end) {
+    // the last tensor starting at or before `begin` (zero-size tensors are skipped over)
+    size_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; t < n && starts[t] < end; ++t) {
+      const int64_t first = std::max(begin, starts[t]) - starts[t];
+      const int64_t last = std::min(end, starts[t + 1]) - starts[t];
+      if (first >= last) continue;
       if (write_grad) {
-        update_range<scalar_t, kCentered, kMomentum, true>(pointers[chunk.tensor], chunk.begin,
-                                                           chunk.end, scalars);
+        update_range<scalar_t, kCentered, kMomentum, true>(pointers[t], first, last, scalars);
       } else {
-        update_range<scalar_t, kCentered, kMomentum, false>(pointers[chunk.tensor], chunk.begin,
-                                                            chunk.end, scalars);
+        update_range<scalar_t, kCentered, kMomentum, false>(pointers[t], first, last, scalars);
       }
     }
   });
