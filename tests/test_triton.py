@@ -18,21 +18,22 @@ import pytest
 import torch
 
 from common import (
-    OPTION_MATRIX, assert_lists_close, available, clone_lists, make_lists, option_id, poison, step,
+    OPTION_MATRIX, assert_close, assert_lists_close, available, clone_lists, make_lists, option_id, step,
 )
 
-pytestmark = pytest.mark.skipif(not available("triton"), reason="the Triton backend is unavailable here")
+from rmsprop_fused import _triton_backend as triton_backend
 
-from rmsprop_fused import _triton_backend as triton_backend  # noqa: E402  (after the skip: may lack triton)
-
+# Without a GPU, CPU tensors in the interpreter; with one, the compiled kernel on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not available("triton", DEVICE), reason=f"the Triton backend is unavailable: {triton_backend.unavailable_reason(torch.device(DEVICE))}"
+)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCK = triton_backend.BLOCK_SIZE
 # Smaller than a block, a whole block plus a masked tail, and nothing at all.
 SMALL_SIZES = [0, 1, 3, 17, BLOCK + 5]
 INTEGER_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
-requires_cpu_kernel = pytest.mark.skipif(not available("cpu"), reason="the C++ extension is not built")
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU is visible")
 
 
@@ -145,20 +146,51 @@ def test_one_launch_per_device_and_dtype_group(kernel_launches):
     assert [grid for grid, _, _ in kernel_launches] == [(3,), (2,)]
 
 
-def test_every_element_is_written():
-    """NaN params and state: every element the update writes becomes NaN (a skipped element
-    would keep its finite input)."""
-    lists = make_lists([1, 3, BLOCK, BLOCK + 1], torch.float32, DEVICE, centered=True, momentum=0.9, seed=3)
-    fresh = clone_lists(lists)
-    poison(lists, keys=("params", "square_avgs", "grad_avgs", "momentum_buffers"))
-    step(lists, "triton", centered=True, momentum=0.9)
-    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
-        for t in lists[key]:
-            assert torch.isnan(t).all(), key
-    step(fresh, "triton", centered=True, momentum=0.9)
-    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
-        for t in fresh[key]:
-            assert torch.isfinite(t).all(), key
+def test_block_starts_beyond_the_int32_range(monkeypatch):
+    """Elements past 2**31 of a tensor, without allocating one: the table says each tensor starts
+    2**31 + 3 * BLOCK elements before its real data and is that much longer, and the blocks start
+    that far in, so the kernel reaches the real elements only if it computes the offsets in
+    64 bits. Whole blocks stay aligned (the shift is a multiple of 16 bytes), so both paths run."""
+    shift = 2**31 + 3 * BLOCK
+    lists = make_lists([BLOCK + 5, 7], torch.float32, DEVICE, centered=True, momentum=0.9, seed=17)
+    build_plan = triton_backend._launch_plan
+
+    def shifted_plan(tensor_lists, columns, device):
+        plan = build_plan(tensor_lists, columns, device)
+        table = plan.table.view(-1, triton_backend._TABLE_WIDTH).clone()
+        blocks = plan.blocks.view(-1, triton_backend._BLOCK_MAP_WIDTH).clone()
+        table[:, columns] -= shift * lists["params"][0].element_size()
+        table[:, triton_backend._NUMEL] += shift
+        blocks[:, 1] += shift
+        assert blocks[:, 2].tolist() == [1, 0, 0]
+        plan.table, plan.blocks = table.flatten(), blocks.flatten()
+        return plan
+
+    monkeypatch.setattr(triton_backend, "_plan_cache", triton_backend.collections.OrderedDict())
+    monkeypatch.setattr(triton_backend, "_launch_plan", shifted_plan)
+    compare_with_reference_and_cpu_kernel(lists, centered=True, momentum=0.9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_writes_nothing_outside_the_tensors(dtype):
+    """Every tensor a view into a buffer with a guard band on either side: the masked blocks must
+    leave the elements past their tensor's end alone (grads too, which AMP writes back)."""
+    guard, sentinel = 64, 1234.0  # 64 elements keep the views 16-byte aligned: both paths run
+    sizes = [1, 3, BLOCK - 1, BLOCK + 1]
+    lists = make_lists(sizes, dtype, DEVICE, centered=True, momentum=0.9, seed=3)
+    buffers, guarded = [], {}
+    for key, tensors in lists.items():
+        guarded[key] = []
+        for t in tensors:
+            buffers.append(torch.full((t.numel() + 2 * guard,), sentinel, dtype=dtype, device=DEVICE))
+            guarded[key].append(buffers[-1][guard:-guard].copy_(t))
+    options = dict(centered=True, momentum=0.9, grad_scale=torch.tensor(8.0, device=DEVICE))
+    expected = clone_lists(lists)
+    step(guarded, "triton", **options)
+    step(expected, "reference", **options)
+    assert_lists_close(guarded, expected)
+    for buffer in buffers:
+        assert bool((buffer[:guard] == sentinel).all()) and bool((buffer[-guard:] == sentinel).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -294,8 +326,8 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     compiled = fresh_module()
     assert "TRITON_INTERPRET=1" in compiled.unavailable_reason(torch.device("cpu"))
-    if not torch.cuda.is_available():
-        assert compiled.unavailable_reason(torch.device("cuda", 0)) == "no CUDA GPU is visible"
+    gpu_reason = None if torch.cuda.is_available() else "no CUDA GPU is visible"
+    assert compiled.unavailable_reason(torch.device("cuda", 0)) == gpu_reason
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     interpreted = fresh_module()
@@ -303,7 +335,6 @@ def test_unavailable_reasons(monkeypatch):
     assert "interpreter" in interpreted.unavailable_reason(torch.device("cuda", 0))
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails
-    monkeypatch.setitem(sys.modules, "triton.language", None)
     assert fresh_module().unavailable_reason(torch.device("cuda", 0)) == "Triton is not installed"
 
 
@@ -326,8 +357,6 @@ def test_optimizer_with_triton_backend_follows_torch_rmsprop():
         fused.step()
         reference.step()
         for a, e in zip(ours, theirs):
-            from common import assert_close
-
             assert_close(a.detach(), e.detach(), steps=step_index + 1)
 
 
