@@ -274,7 +274,8 @@ _INTERPRETED = triton is not None and not isinstance(_rmsprop_kernel, triton.run
 
 
 _ELEMENT_TYPES = (
-    {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} if triton is not None else {}
+    {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+    if triton is not None else {}
 )
 
 
@@ -356,7 +357,9 @@ class _LaunchPlan:
         self.n_blocks = rows.numel()
 
 
-def _launch_plan(tensor_lists: Sequence[Sequence[Tensor]], columns: Sequence[int], device: torch.device) -> _LaunchPlan:
+def _launch_plan(
+    tensor_lists: Sequence[Sequence[Tensor]], columns: Sequence[int], device: torch.device
+) -> _LaunchPlan:
     """The cached plan for these tensors where they are now, built on first use.
 
     The key holds every data pointer and size, so a plan is reused exactly while the table it
@@ -388,7 +391,6 @@ def _launch_plan(tensor_lists: Sequence[Sequence[Tensor]], columns: Sequence[int
     return plan
 
 
-@torch.no_grad()
 def rmsprop_triton(
     params: List[Tensor],
     grads: List[Tensor],
@@ -409,7 +411,8 @@ def rmsprop_triton(
     found_inf: Optional[Tensor] = None,
 ) -> None:
     """One RMSprop step on one (device, dtype) group, already validated by
-    :func:`rmsprop_fused.functional.rmsprop`: a single kernel launch."""
+    :func:`rmsprop_fused.functional.rmsprop` (the signature of the functional entry): a single
+    kernel launch, which reads a tensor lr, grad_scale and found_inf on the device."""
     if not params:
         return
     tensor_lists, columns = [params, grads, square_avgs], [_PARAM, _GRAD, _SQUARE_AVG]
@@ -425,7 +428,7 @@ def rmsprop_triton(
         return  # only zero-size tensors
 
     lr_from_tensor = isinstance(lr, Tensor)
-    # Pointer arguments the kernel does not read (their constexpr flag is off) still need a value.
+    # A pointer argument the kernel does not read (its constexpr flag is off) still needs a value.
     unused = plan.table
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _rmsprop_kernel[(plan.n_blocks,)](

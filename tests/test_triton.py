@@ -26,7 +26,8 @@ from rmsprop_fused import _triton_backend as triton_backend
 # Without a GPU, CPU tensors in the interpreter; with one, the compiled kernel on CUDA tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    not available("triton", DEVICE), reason=f"the Triton backend is unavailable: {triton_backend.unavailable_reason(torch.device(DEVICE))}"
+    not available("triton", DEVICE),
+    reason=f"the Triton backend is unavailable: {triton_backend.unavailable_reason(torch.device(DEVICE))}",
 )
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCK = triton_backend.BLOCK_SIZE
@@ -101,7 +102,9 @@ def kernel_launches(monkeypatch):
 @pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
 def test_every_option_and_dtype_matches_reference(options, dtype):
     seed = 100 + OPTION_MATRIX.index(options) * len(DTYPES) + DTYPES.index(dtype)
-    lists = make_lists(SMALL_SIZES, dtype, DEVICE, centered=options["centered"], momentum=options["momentum"], seed=seed)
+    lists = make_lists(
+        SMALL_SIZES, dtype, DEVICE, centered=options["centered"], momentum=options["momentum"], seed=seed
+    )
     compare_with_reference_and_cpu_kernel(lists, **options)
 
 
@@ -202,7 +205,8 @@ def test_amp_unscale_writes_back_grads_and_found_inf_skips(dtype):
     for g, original in zip(actual["grads"], lists["grads"]):
         assert not torch.equal(g, original)  # unscaled in place
 
-    no_inf = compare_with_reference_and_cpu_kernel(lists, found_inf=torch.tensor(0.0, device=DEVICE), **options)
+    zero = torch.tensor(0.0, device=DEVICE)
+    no_inf = compare_with_reference_and_cpu_kernel(lists, found_inf=zero, **options)
     assert_lists_identical(no_inf, actual)
 
     for flag in (1.0, 2.0, float("nan")):  # any nonzero found_inf skips (GradScaler sums flags)
@@ -290,7 +294,8 @@ def test_16_bit_conversions_are_exact_and_round_to_nearest_even(dtype):
     exact = patterns.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     half_ulp = 1 << (15 if dtype == torch.bfloat16 else 12)
     random_bits = torch.randint(0, 2**32, (2**15,), generator=torch.Generator().manual_seed(4))
-    bits = torch.cat([exact, exact + half_ulp, exact + half_ulp - 1, exact + half_ulp + 1, random_bits]) & 0xFFFFFFFF
+    ties = exact + half_ulp
+    bits = torch.cat([exact, ties, ties - 1, ties + 1, random_bits]) & 0xFFFFFFFF
     float32_values = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
 
     n = bits.numel()
@@ -305,12 +310,13 @@ def test_16_bit_conversions_are_exact_and_round_to_nearest_even(dtype):
 
     expected = source.float()
     wrong = (widened != expected) & ~(widened.isnan() & expected.isnan())
-    assert not bool(wrong.any()), f"{int(wrong.sum())} patterns widened wrongly, e.g. {source[wrong][:4].tolist()}"
+    assert not bool(wrong.any()), f"{int(wrong.sum())} widened wrongly, e.g. {source[wrong][:4].tolist()}"
     expected = float32_values.to(dtype)
     nan = float32_values.isnan()
     assert torch.equal(narrowed.isnan(), nan)
     wrong = narrowed.view(torch.int16)[~nan] != expected.view(torch.int16)[~nan]
-    assert not bool(wrong.any()), f"{int(wrong.sum())} values rounded wrongly, e.g. {float32_values[~nan][wrong][:4].tolist()}"
+    examples = float32_values[~nan][wrong][:4].tolist()
+    assert not bool(wrong.any()), f"{int(wrong.sum())} rounded wrongly, e.g. {examples}"
 
 
 def test_unavailable_reasons(monkeypatch):
@@ -383,7 +389,8 @@ def test_compiled_kernel_uses_ieee_division_no_fma_and_16_byte_accesses():
                 BLOCK_SIZE=backend.BLOCK_SIZE,
             )
             signature = {name: "constexpr" if name in constexprs else "fp32" for name in kernel.arg_names}
-            signature.update(table="*i64", blocks="*i64", lr_tensor="*fp32", grad_scale="*fp32", found_inf="*fp32")
+            pointers = ("lr_tensor", "grad_scale", "found_inf")
+            signature.update(table="*i64", blocks="*i64", **{name: "*fp32" for name in pointers})
             source = ASTSource(
                 fn=kernel, signature=signature,
                 constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
@@ -395,9 +402,11 @@ def test_compiled_kernel_uses_ieee_division_no_fma_and_16_byte_accesses():
             found = lambda pattern: re.search(pattern, ptx) is not None
             assert not found(r"\\bfma\\."), "a fused multiply-add"
             assert not found(r"\\.ftz\\b"), "flush-to-zero"
-            assert not found(r"div\\.(approx|full)\\.f32") and found(r"div\\.rn\\.f32"), "approximate division"
-            assert not found(r"sqrt\\.approx") and found(r"sqrt\\.rn\\.f32"), "approximate square root"
-            assert found(r"ld\\.global(\\.\\w+)*\\.v4\\.b32") and found(r"st\\.global(\\.\\w+)*\\.v4\\.b32"), "no 16-byte accesses"
+            assert found(r"div\\.rn\\.f32"), "no IEEE division"
+            assert not found(r"div\\.(approx|full)\\.f32"), "approximate division"
+            assert found(r"sqrt\\.rn\\.f32") and not found(r"sqrt\\.approx"), "approximate square root"
+            assert found(r"ld\\.global(\\.\\w+)*\\.v4\\.b32"), "no 16-byte loads"
+            assert found(r"st\\.global(\\.\\w+)*\\.v4\\.b32"), "no 16-byte stores"
             print(element, "ok")
         """
     )
@@ -408,6 +417,7 @@ def test_compiled_kernel_uses_ieee_division_no_fma_and_16_byte_accesses():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.cuda
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
@@ -423,6 +433,7 @@ def test_gpu_triton_matches_reference_and_cuda_kernel(dtype, offset):
             assert_lists_identical(actual, cuda_kernel)
 
 
+@pytest.mark.cuda
 @requires_gpu
 def test_gpu_captured_in_a_cuda_graph_with_a_device_lr():
     lists = make_lists([3, BLOCK + 1, 100_000], torch.float32, "cuda", momentum=0.9, seed=41)
