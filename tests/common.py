@@ -70,8 +70,16 @@ def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed
     return lists
 
 
+def clone_keeping_offset(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a contiguous tensor that starts as far into a fresh storage as `t` starts into
+    its own: a misaligned view stays misaligned (Tensor.clone() would align it)."""
+    offset = t.storage_offset()
+    storage = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)
+    return storage[offset:].view(t.shape).copy_(t)
+
+
 def clone_lists(lists: dict) -> dict:
-    return {k: [t.clone() for t in v] for k, v in lists.items()}
+    return {k: [clone_keeping_offset(t) for t in v] for k, v in lists.items()}
 
 
 def poison(lists: dict, keys=("params", "square_avgs", "grad_avgs", "momentum_buffers")) -> None:
