@@ -12,7 +12,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip setuptools wheel
+# (pip itself is left as it is: where pip is capped to a local torch, pip >= 26.2 would not apply
+# the cap inside build environments.)
+python -m pip install -q --upgrade setuptools wheel
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
 python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm
 
