@@ -49,8 +49,8 @@ class FusedRMSprop(Optimizer):
         weight_decay (float): L2 penalty added to the gradient (default: 0).
         momentum (float): momentum factor (default: 0).
         centered (bool): divide by an estimate of the gradient's variance (default: False).
-        capturable (bool): the step may be captured in a CUDA graph; a tensor lr must then live
-            on the params' device, where it is read at replay (default: False). The step never
+        capturable (bool): the step may be captured in a CUDA graph (default: False); a tensor
+            lr must then live on the params' device, where every replay reads it. The step never
             synchronises with the host either way.
         foreach (bool, optional): accepted for compatibility with torch.optim.RMSprop and
             ignored: the step is always one fused pass (default: None).
@@ -142,12 +142,13 @@ class FusedRMSprop(Optimizer):
         Creates nothing: a refused step must leave the optimizer as it was."""
         self._check_group(group)
         lr = group["lr"]
-        if group["capturable"] and isinstance(lr, Tensor):
+        if isinstance(lr, Tensor) and _capturing_cuda_graph():
             for p in group["params"]:
                 if p.device != lr.device:
                     raise ValueError(
-                        f"param group {group_index}: capturable=True reads a tensor lr on the params' "
-                        f"device, but lr is on {lr.device} and a param on {p.device}"
+                        f"param group {group_index}: a CUDA graph is being captured, but lr is a tensor "
+                        f"on {lr.device} and a param is on {p.device}: the graph would replay the lr of "
+                        "capture time forever; put the lr tensor on the params' device"
                     )
         gathered = []
         for index, p in enumerate(group["params"]):
@@ -265,6 +266,10 @@ def _real_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _graph_capture_health_check(optimizer: Optimizer) -> None:
