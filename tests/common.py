@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import torch
 
@@ -70,6 +71,13 @@ def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed
     return lists
 
 
+def fresh_seed() -> int:
+    """A new seed for every test run; printed, so a failing run shows it (pytest's captured stdout)."""
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    return seed
+
+
 def clone_lists(lists: dict) -> dict:
     return {k: [t.clone() for t in v] for k, v in lists.items()}
 
@@ -125,3 +133,11 @@ def assert_lists_close(actual: dict, expected: dict, *, steps: int = 1) -> None:
         assert len(actual[key]) == len(expected[key])
         for i, (a, e) in enumerate(zip(actual[key], expected[key])):
             assert_close(a, e, steps=steps, name=f"{key}[{i}]")
+
+
+def assert_lists_equal(actual: dict, expected: dict) -> None:
+    """Bitwise equality, on any devices (where two implementations share their arithmetic)."""
+    for key in expected:
+        assert len(actual[key]) == len(expected[key])
+        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+            assert torch.equal(a.cpu(), e.cpu()), f"{key}[{i}] differs"

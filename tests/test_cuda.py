@@ -5,13 +5,12 @@ misaligned views, grad_scale and found_inf as device tensors, a device lr, a ten
 torch.library.opcheck. Every test is skipped, with the reason, where no GPU or no CUDA kernel is
 available."""
 
-import random
-
 import pytest
 import torch
 
 from common import (
-    OPTION_MATRIX, assert_close, assert_lists_close, available, clone_lists, make_lists, option_id, step,
+    OPTION_MATRIX, assert_close, assert_lists_close, assert_lists_equal, available, clone_lists, fresh_seed,
+    make_lists, option_id, step,
 )
 from cuda_on_host import UNAVAILABLE_REASON as HOST_BUILD_UNAVAILABLE, step_on_host
 from rmsprop_fused import backends
@@ -31,13 +30,6 @@ ODD_SIZES = [5, 7, 9, 15, 17, 33]  # not a multiple of any vector width (2, 4 or
 STATE_KEYS = ("params", "square_avgs", "grad_avgs", "momentum_buffers")
 
 
-def fresh_seed() -> int:
-    """A new seed for every test run; printed, so a failing run shows it (pytest's captured stdout)."""
-    seed = random.randrange(2**31)
-    print(f"seed={seed}")
-    return seed
-
-
 def to_device(lists: dict, device="cuda", offset: int = 0) -> dict:
     """Copies of CPU lists on `device`; with offset=1, as views one element into their storage
     (off every 16-byte boundary), so that the kernel takes its scalar path."""
@@ -47,12 +39,6 @@ def to_device(lists: dict, device="cuda", offset: int = 0) -> dict:
         return view.copy_(t)
 
     return {k: [move(t) for t in v] for k, v in lists.items()}
-
-
-def assert_lists_equal(actual: dict, expected: dict) -> None:
-    for key in expected:
-        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
-            assert torch.equal(a.cpu(), e.cpu()), f"{key}[{i}] differs"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,13 +6,13 @@ that misalign chunks), grad_scale and found_inf, a tensor lr, refused calls, and
 of the production planner for GPT-2 small."""
 
 import math
-import random
 
 import pytest
 import torch
 
 from common import (
-    OPTION_MATRIX, assert_close, assert_lists_close, available, clone_lists, make_lists, option_id, step,
+    OPTION_MATRIX, assert_close, assert_lists_close, assert_lists_equal, available, clone_lists, fresh_seed,
+    make_lists, option_id, step,
 )
 from cuda_on_host import UNAVAILABLE_REASON, launch_count, step_on_host
 
@@ -23,19 +23,6 @@ SIZES = [0, 1, 3, 4, 4097, 65537]
 ODD_SIZES = [5, 7, 9, 15, 17, 33]  # not a multiple of any vector width (2, 4 or 8 lanes)
 STATE_KEYS = ("params", "square_avgs", "grad_avgs", "momentum_buffers")
 CAPACITY_AT_DEPTH_4 = 741  # segments in one launch's 32,764 bytes of parameters (momentum, not centered)
-
-
-def fresh_seed() -> int:
-    """A new seed for every test run; printed, so a failing run shows it (pytest's captured stdout)."""
-    seed = random.randrange(2**31)
-    print(f"seed={seed}")
-    return seed
-
-
-def assert_lists_equal(actual: dict, expected: dict) -> None:
-    for key in expected:
-        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
-            assert torch.equal(a, e), f"{key}[{i}] differs"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
