@@ -86,7 +86,7 @@ int64_t rmsprop_multi_tensor(const TensorLists& lists, double lr, double alpha, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rmsprop_fused_multi_tensor",
                                   [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    LaunchScalars<opmath_t> scalars;
+    LaunchScalars<opmath_t> scalars{};
     scalars.step = make_step_scalars<opmath_t>(lr, alpha, eps, weight_decay, momentum, maximize,
                                                eps_in_sqrt, lr_in_momentum);
     scalars.lr = device_lr ? device_lr->const_data_ptr<opmath_t>() : nullptr;

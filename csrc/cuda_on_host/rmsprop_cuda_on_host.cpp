@@ -8,7 +8,7 @@
 //                           launches. A knob left None takes the CUDA op's value.
 //   cuda_launch_count       the launch count of the CUDA op's planner for tensors of the given
 //                           sizes at a depth (3 + centered + momentum), for a kernel-parameter
-//                           budget (default: the one the CUDA kernel is built for).
+//                           budget (default: 32,764 bytes, that of a CUDA >= 12.1 build).
 //
 // The schemas are a fragment of the rmsprop_fused library defined in csrc/rmsprop_op.cpp; this
 // module can be loaded with or without rmsprop_fused._C.
