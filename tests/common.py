@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import torch
 
@@ -70,6 +71,13 @@ def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed
     return lists
 
 
+def fresh_seed() -> int:
+    """A new seed for every test run; printed, so a failing run shows it (pytest's captured stdout)."""
+    seed = random.randrange(2**31)
+    print(f"seed={seed}")
+    return seed
+
+
 def clone_keeping_offset(t: torch.Tensor) -> torch.Tensor:
     """A copy of a contiguous tensor that starts as far into a fresh storage as `t` starts into
     its own: a misaligned view stays misaligned (Tensor.clone() would align it)."""
@@ -80,14 +88,6 @@ def clone_keeping_offset(t: torch.Tensor) -> torch.Tensor:
 
 def clone_lists(lists: dict) -> dict:
     return {k: [clone_keeping_offset(t) for t in v] for k, v in lists.items()}
-
-
-def poison(lists: dict, keys=("params", "square_avgs", "grad_avgs", "momentum_buffers")) -> None:
-    """NaN in every element an update must overwrite (use on the inputs' clones where a test
-    checks that every element was written: a skipped element stays NaN)."""
-    for k in keys:
-        for t in lists[k]:
-            t.fill_(float("nan"))
 
 
 def step(lists: dict, backend: str, lr=0.01, alpha=0.99, eps=1e-8, **options) -> None:
@@ -133,3 +133,11 @@ def assert_lists_close(actual: dict, expected: dict, *, steps: int = 1) -> None:
         assert len(actual[key]) == len(expected[key])
         for i, (a, e) in enumerate(zip(actual[key], expected[key])):
             assert_close(a, e, steps=steps, name=f"{key}[{i}]")
+
+
+def assert_lists_equal(actual: dict, expected: dict) -> None:
+    """Bitwise equality, on any devices (where two implementations share their arithmetic)."""
+    for key in expected:
+        assert len(actual[key]) == len(expected[key])
+        for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+            assert torch.equal(a.cpu(), e.cpu()), f"{key}[{i}] differs"

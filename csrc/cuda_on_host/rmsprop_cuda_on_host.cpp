@@ -1,0 +1,132 @@
+// The CUDA kernel's own source (csrc/cuda/multi_tensor_kernel.h and multi_tensor_op.h) compiled
+// for the host, so the tests check the GPU code path on machines without a GPU
+// (tests/test_cuda_kernel_on_host.py). Two ops, on CPU tensors:
+//
+//   rmsprop_cuda_on_host_   rmsprop_'s arguments plus the planning knobs; plans exactly as the
+//                           CUDA op does, then for every launch calls rmsprop_block for every
+//                           block index and every thread index in a loop. Returns the number of
+//                           launches. A knob left None takes the CUDA op's value.
+//   cuda_launch_count       the launch count of the CUDA op's planner for tensors of the given
+//                           sizes at a depth (3 + centered + momentum), for a kernel-parameter
+//                           budget (default: 32,764 bytes, that of a CUDA >= 12.1 build).
+//
+// The schemas are a fragment of the rmsprop_fused library defined in csrc/rmsprop_op.cpp; this
+// module can be loaded with or without rmsprop_fused._C.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "../cuda/multi_tensor_kernel.h"
+#include "../cuda/multi_tensor_op.h"
+#include "../rmsprop_op.h"
+
+extern "C" {
+// `import rmsprop_fused._cuda_on_host` loads this shared object, which registers the ops below.
+PyObject* PyInit__cuda_on_host(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_cuda_on_host", nullptr, -1,
+                                          nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace rmsprop_fused {
+namespace {
+
+using multi_tensor::LaunchLimits;
+
+constexpr int64_t kMaxThreadsPerBlock = 1024;  // CUDA's limit on blockDim.x
+
+void check_limits(const LaunchLimits& limits, int64_t depth, int64_t block_dim) {
+  const int64_t capacity = multi_tensor::max_segments_per_launch(
+      depth, multi_tensor::kKernelParamBytes);
+  TORCH_CHECK(limits.max_tensors_per_launch >= 1 && limits.max_tensors_per_launch <= capacity,
+              "rmsprop_fused: max_tensors_per_launch must be in [1, ", capacity,
+              "] (what one launch's parameters hold at depth ", depth, "), got ",
+              limits.max_tensors_per_launch);
+  TORCH_CHECK(limits.max_chunks_per_launch >= 1 &&
+                  limits.max_chunks_per_launch <= multi_tensor::kMaxChunksPerLaunch,
+              "rmsprop_fused: max_chunks_per_launch must be in [1, ",
+              multi_tensor::kMaxChunksPerLaunch, "] (the grid limit), got ",
+              limits.max_chunks_per_launch);
+  TORCH_CHECK(limits.chunk_size >= 1 &&
+                  limits.chunk_size <= std::numeric_limits<int32_t>::max(),
+              "rmsprop_fused: chunk_size must be in [1, 2^31 - 1], got ", limits.chunk_size);
+  TORCH_CHECK(block_dim >= 1 && block_dim <= kMaxThreadsPerBlock,
+              "rmsprop_fused: block_dim must be in [1, ", kMaxThreadsPerBlock, "], got ",
+              block_dim);
+}
+
+int64_t rmsprop_cuda_on_host_(at::TensorList params, at::TensorList grads,
+                              at::TensorList square_avgs, at::TensorList grad_avgs,
+                              at::TensorList momentum_buffers, double lr, double alpha,
+                              double eps, double weight_decay, double momentum, bool centered,
+                              bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
+                              const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf,
+                              std::optional<int64_t> max_tensors_per_launch,
+                              std::optional<int64_t> max_chunks_per_launch,
+                              std::optional<int64_t> chunk_size,
+                              std::optional<int64_t> block_dim) {
+  const TensorLists lists{params, grads, square_avgs, grad_avgs, momentum_buffers};
+  check_op_args(lists, centered, momentum, lr_tensor, grad_scale, found_inf,
+                c10::DeviceType::CPU);
+  const LaunchLimits production = multi_tensor::production_limits(lists.depth());
+  const LaunchLimits limits{max_tensors_per_launch.value_or(production.max_tensors_per_launch),
+                            max_chunks_per_launch.value_or(production.max_chunks_per_launch),
+                            chunk_size.value_or(production.chunk_size)};
+  const int64_t threads = block_dim.value_or(multi_tensor::kBlockDim);
+  check_limits(limits, lists.depth(), threads);
+
+  // The grid, one block and one thread at a time.
+  return multi_tensor::rmsprop_multi_tensor(
+      lists, lr, alpha, eps, weight_decay, momentum, maximize, eps_in_sqrt, lr_in_momentum,
+      lr_tensor, grad_scale, found_inf, limits, [threads](const auto& args, int64_t num_blocks) {
+        for (int64_t block = 0; block < num_blocks; ++block) {
+          for (int64_t thread = 0; thread < threads; ++thread) {
+            multi_tensor::rmsprop_block(args, block, thread, threads);
+          }
+        }
+      });
+}
+
+int64_t cuda_launch_count(c10::IntArrayRef numels, int64_t depth,
+                          std::optional<int64_t> kernel_param_bytes) {
+  TORCH_CHECK(depth >= 3 && depth <= 5, "rmsprop_fused: depth must be 3, 4 or 5, got ", depth);
+  const int64_t bytes = kernel_param_bytes.value_or(multi_tensor::kKernelParamBytes);
+  TORCH_CHECK(multi_tensor::max_segments_per_launch(depth, bytes) >= 1,
+              "rmsprop_fused: ", bytes, " bytes of kernel parameters hold no segment");
+  for (const int64_t n : numels) {
+    TORCH_CHECK(n >= 0, "rmsprop_fused: numels must be >= 0, got ", n);
+  }
+  return static_cast<int64_t>(
+      multi_tensor::plan_launches(numels.vec(), multi_tensor::production_limits(depth, bytes))
+          .size());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rmsprop_fused, m) {
+  m.def(
+      "rmsprop_cuda_on_host_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
+      "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, *, float lr, float alpha, "
+      "float eps, float weight_decay, float momentum, bool centered, bool maximize, "
+      "bool eps_in_sqrt, bool lr_in_momentum, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, int? max_tensors_per_launch=None, "
+      "int? max_chunks_per_launch=None, int? chunk_size=None, int? block_dim=None) -> int");
+  m.def("cuda_launch_count(int[] numels, int depth, int? kernel_param_bytes=None) -> int",
+        &cuda_launch_count);
+}
+
+TORCH_LIBRARY_IMPL(rmsprop_fused, CPU, m) {
+  m.impl("rmsprop_cuda_on_host_", &rmsprop_cuda_on_host_);
+}
+
+}  // namespace rmsprop_fused
