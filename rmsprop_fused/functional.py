@@ -48,8 +48,8 @@ def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_sca
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if not (lr.is_floating_point() or lr.dtype in (torch.int32, torch.int64)):
-            raise ValueError(f"Tensor lr must be a real number, got dtype {lr.dtype}")
+        if not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating-point tensor, got dtype {lr.dtype}")
         if check_tensor_lr and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
     elif not isinstance(lr, numbers.Real):

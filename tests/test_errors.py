@@ -56,6 +56,7 @@ def trained_optimizer(backend="auto", **options):
         (dict(lr=math.nan), "Invalid learning rate: nan"),
         (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
         (dict(lr=torch.tensor(-0.1)), "Invalid learning rate"),
+        (dict(lr=torch.tensor(1)), "Tensor lr must be a floating-point tensor, got dtype torch.int64"),
         (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
         (dict(eps=math.nan), "Invalid epsilon value: nan"),
         (dict(momentum=-0.9), "Invalid momentum value: -0.9"),
