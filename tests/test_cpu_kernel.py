@@ -93,9 +93,12 @@ def test_opcheck():
     )
 
 
-def _disassembly_of_update_loops():
+def _update_loop_clones():
+    """{clone suffix: disassembly} of the CPU inner loops (update_range<...> and its
+    multiversioned clones: .default, .avx2, .avx512f)."""
     import glob
     import os
+    import re
     import shutil
     import subprocess
 
@@ -105,25 +108,33 @@ def _disassembly_of_update_loops():
     if objdump is None:
         pytest.skip("objdump (binutils) is not installed")
     (so,) = glob.glob(os.path.join(os.path.dirname(rmsprop_fused.__file__), "_C*.so"))
-    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
-    # Keep the functions of the update: update_all<scalar_t, ...> and the OpenMP bodies it
-    # outlines (named after it, mangled, with an ._omp_fn suffix), where the loop is inlined.
-    bodies, keep = [], False
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    clones, current = {}, None
     for line in text.splitlines():
         if line.endswith(">:"):
-            keep = "update_all" in line
-        if keep:
-            bodies.append(line)
-    return "\n".join(bodies)
+            name = line.split("<", 1)[1][:-2]
+            current = None
+            if "update_range" in name and not name.endswith((".resolver", ".cold")):
+                match = re.search(r"\.(default|avx2|avx512f)$", name)
+                current = match.group(1) if match else "default"
+                clones.setdefault(current, [])
+        elif current is not None:
+            clones[current].append(line)
+    return {k: "\n".join(v) for k, v in clones.items()}
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
 def test_inner_loops_are_vectorised_including_sqrt():
-    """GCC vectorises sqrt only with -fno-math-errno; without it the loop calls sqrtf for errno and
-    runs at a third of the speed. Packed sqrt and division in the fp32 and fp64 loops prove the
-    vector path is there."""
-    code = _disassembly_of_update_loops()
-    assert code, "no update_all functions found in the extension"
-    for instruction in ("sqrtps", "sqrtpd", "divps", "divpd"):
-        assert instruction in code, f"{instruction} missing: the inner loop is not vectorised"
-    assert "call" not in "\n".join(l for l in code.splitlines() if "sqrt" in l), "sqrt is called, not inlined"
+    """The loop is compute-bound on 4-wide SSE2 sqrt and division, so it is cloned for AVX2 and
+    AVX-512. Every clone must keep sqrt vectorised (GCC vectorises it only with -fno-math-errno;
+    without it each element calls sqrtf for errno and the loop runs at a fraction of the speed),
+    and the clones must use their wider registers."""
+    clones = _update_loop_clones()
+    assert set(clones) == {"default", "avx2", "avx512f"}, f"clones found: {sorted(clones)}"
+    width = {"default": "%xmm", "avx2": "%ymm", "avx512f": "%zmm"}
+    for clone, code in clones.items():
+        for instruction in ("sqrtps", "sqrtpd", "divps", "divpd"):
+            lines = [line for line in code.splitlines() if instruction in line]
+            assert lines, f"{clone}: {instruction} missing: the inner loop is not vectorised"
+            assert any(width[clone] in line for line in lines), f"{clone}: {instruction} never on {width[clone]}"
+        assert not [l for l in code.splitlines() if "call" in l and "sqrt" in l], f"{clone}: sqrt is called, not inlined"
