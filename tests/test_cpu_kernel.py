@@ -93,12 +93,12 @@ def test_opcheck():
     )
 
 
-def _update_loop_clones():
-    """{clone suffix: disassembly} of the CPU inner loops (update_range<...> and its
-    multiversioned clones: .default, .avx2, .avx512f)."""
+def _update_loop_functions():
+    """{function name: disassembly} of the CPU inner loops: every instantiation of update_range
+    (dtype x centered x momentum x AMP) and each of its clones (.default, .arch_x86_64_v3,
+    .arch_x86_64_v4)."""
     import glob
     import os
-    import re
     import shutil
     import subprocess
 
@@ -108,33 +108,32 @@ def _update_loop_clones():
     if objdump is None:
         pytest.skip("objdump (binutils) is not installed")
     (so,) = glob.glob(os.path.join(os.path.dirname(rmsprop_fused.__file__), "_C*.so"))
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
-    clones, current = {}, None
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    functions, current = {}, None
     for line in text.splitlines():
         if line.endswith(">:"):
             name = line.split("<", 1)[1][:-2]
-            current = None
-            if "update_range" in name and not name.endswith((".resolver", ".cold")):
-                match = re.search(r"\.(default|avx2|avx512f)$", name)
-                current = match.group(1) if match else "default"
-                clones.setdefault(current, [])
+            current = name if "update_range<" in name and "resolver" not in name and ".cold" not in name else None
+            if current:
+                functions[current] = []
         elif current is not None:
-            clones[current].append(line)
-    return {k: "\n".join(v) for k, v in clones.items()}
+            functions[current].append(line)
+    return {k: "\n".join(v) for k, v in functions.items()}
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
-def test_inner_loops_are_vectorised_including_sqrt():
-    """The loop is compute-bound on 4-wide SSE2 sqrt and division, so it is cloned for AVX2 and
-    AVX-512. Every clone must keep sqrt vectorised (GCC vectorises it only with -fno-math-errno;
-    without it each element calls sqrtf for errno and the loop runs at a fraction of the speed),
-    and the clones must use their wider registers."""
-    clones = _update_loop_clones()
-    assert set(clones) == {"default", "avx2", "avx512f"}, f"clones found: {sorted(clones)}"
-    width = {"default": "%xmm", "avx2": "%ymm", "avx512f": "%zmm"}
-    for clone, code in clones.items():
-        for instruction in ("sqrtps", "sqrtpd", "divps", "divpd"):
-            lines = [line for line in code.splitlines() if instruction in line]
-            assert lines, f"{clone}: {instruction} missing: the inner loop is not vectorised"
-            assert any(width[clone] in line for line in lines), f"{clone}: {instruction} never on {width[clone]}"
-        assert not [l for l in code.splitlines() if "call" in l and "sqrt" in l], f"{clone}: sqrt is called, not inlined"
+def test_every_inner_loop_is_vectorised_including_sqrt():
+    """The loop is compute-bound on 4-wide SSE2 sqrt and division, so it is cloned for x86-64-v3
+    (AVX2) and x86-64-v4 (AVX-512). Every instantiation and every clone must keep sqrt vectorised, in its clone's register
+    width. What breaks it: building without -fno-math-errno (each element calls sqrtf for errno),
+    a select on an option flag that GCC will not unswitch, a 16-bit conversion it cannot vectorise."""
+    functions = _update_loop_functions()
+    clones = {"[clone .default]": "%xmm", "[clone .arch_x86_64_v3]": "%ymm", "[clone .arch_x86_64_v4]": "%zmm"}
+    # 4 dtypes x (centered, momentum, AMP unscale) x 3 clones
+    assert len(functions) == 4 * 8 * 3, f"{len(functions)} update_range functions found"
+    for name, code in functions.items():
+        width = next(w for clone, w in clones.items() if name.endswith(clone))
+        opmath = "pd" if "update_range<double" in name else "ps"
+        packed = [line for line in code.splitlines() if f"sqrt{opmath}" in line and width in line]
+        assert packed, f"{name}: no sqrt{opmath} on {width}: the loop is not vectorised"
+        assert not [l for l in code.splitlines() if "call" in l and "sqrt" in l], f"{name}: calls sqrt"

@@ -1,7 +1,9 @@
 // The fused CPU step: one pass over each tensor (read p, g and the state once, write them once),
-// with the elements of all tensors split evenly between at::parallel_for's threads. The inner loop is plain
-// scalar code over __restrict__ pointers that GCC vectorises (built with -O3 -fno-math-errno so
-// that sqrt vectorises too, and -ffp-contract=off so it rounds exactly like torch's CPU ops).
+// with the elements of all tensors split evenly between at::parallel_for's threads. The inner
+// loop is plain scalar code over __restrict__ pointers that GCC vectorises: built with -O3,
+// -fno-math-errno (so sqrt vectorises), -fno-trapping-math (so the option selects become blends)
+// and -ffp-contract=off (so it rounds exactly like torch's CPU ops); 16-bit elements go through
+// element_codec.h. tests/test_cpu_kernel.py reads the machine code to check all of this.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -9,10 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../rmsprop_op.h"
 #include "../rmsprop_update.h"
+#include "element_codec.h"
 
 namespace rmsprop_fused {
 namespace {
@@ -21,47 +25,64 @@ namespace {
 // costs more than it saves (at::parallel_for runs inline when the range fits in one grain).
 constexpr int64_t kParallelGrain = 1 << 15;
 
+// The tensors' data as the codec's storage type (uint16_t for the 16-bit types).
 template <typename scalar_t>
 struct Pointers {
-  scalar_t* __restrict__ param;
-  scalar_t* __restrict__ grad;
-  scalar_t* __restrict__ square_avg;
-  scalar_t* __restrict__ grad_avg;
-  scalar_t* __restrict__ momentum_buffer;
+  using storage_t = typename cpu::ElementCodec<scalar_t>::storage_t;
+  storage_t* param;
+  storage_t* grad;
+  storage_t* square_avg;
+  storage_t* grad_avg;
+  storage_t* momentum_buffer;
 };
 
+template <typename scalar_t>
+typename cpu::ElementCodec<scalar_t>::storage_t* storage_of(const at::Tensor& t) {
+  return reinterpret_cast<typename cpu::ElementCodec<scalar_t>::storage_t*>(t.data_ptr<scalar_t>());
+}
+
 // The loop is compute-bound with SSE2's 4-wide sqrt and division (about 3 cycles an element, the
-// speed one core can stream memory at), so it is compiled again for AVX2 and AVX-512 and the
-// widest one the CPU has is picked when the extension loads (GCC function multiversioning). The
-// clones round alike: -ffp-contract=off keeps FMA out of all of them.
+// speed one core can stream memory at), so it is compiled again for x86-64-v3 (AVX2) and x86-64-v4
+// (AVX-512 F/BW/DQ/VL: 16-bit elements in 512-bit registers too), and the widest one the CPU has
+// is picked when the extension loads (GCC function multiversioning). The clones round alike:
+// -ffp-contract=off keeps FMA out of all of them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
-#define RMSPROP_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define RMSPROP_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RMSPROP_CPU_CLONES
 #endif
 
-template <typename scalar_t, bool kCentered, bool kMomentum, bool kUnscaleGrad>
-RMSPROP_CPU_CLONES void update_range(const Pointers<scalar_t> ptr, int64_t begin, int64_t end,
-                                     StepScalars<at::opmath_type<scalar_t>> scalars) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  scalars.unscale_grad = kUnscaleGrad;  // a constant: no division by 1 when there is no AMP scale
-  scalar_t* __restrict__ param = ptr.param;
-  scalar_t* __restrict__ grad = ptr.grad;
-  scalar_t* __restrict__ square_avg = ptr.square_avg;
-  scalar_t* __restrict__ grad_avg = ptr.grad_avg;
-  scalar_t* __restrict__ momentum_buffer = ptr.momentum_buffer;
+// The pointers are __restrict__ parameters: GCC honours restrict reliably only on parameters,
+// and without it the loop needs a runtime alias check per pair of its up to ten streams, more than
+// the vectoriser will version for.
+template <typename scalar_t, bool kCentered, bool kMomentum, bool kUnscaleGrad,
+          typename storage_t = typename cpu::ElementCodec<scalar_t>::storage_t>
+RMSPROP_CPU_CLONES void update_range(storage_t* __restrict__ param, storage_t* __restrict__ grad,
+                                     storage_t* __restrict__ square_avg,
+                                     storage_t* __restrict__ grad_avg,
+                                     storage_t* __restrict__ momentum_buffer, int64_t begin,
+                                     int64_t end,
+                                     const StepScalars<at::opmath_type<scalar_t>> scalars) {
+  using Codec = cpu::ElementCodec<scalar_t>;
+  using opmath_t = typename Codec::opmath_t;
+  static_assert(std::is_same_v<opmath_t, at::opmath_type<scalar_t>>);
   for (int64_t i = begin; i < end; ++i) {
-    opmath_t p = static_cast<opmath_t>(param[i]);
-    opmath_t g = static_cast<opmath_t>(grad[i]);
-    opmath_t v = static_cast<opmath_t>(square_avg[i]);
-    opmath_t m = kCentered ? static_cast<opmath_t>(grad_avg[i]) : opmath_t(0);
-    opmath_t b = kMomentum ? static_cast<opmath_t>(momentum_buffer[i]) : opmath_t(0);
-    rmsprop_update<kCentered, kMomentum>(p, g, v, m, b, scalars);
-    param[i] = static_cast<scalar_t>(p);
-    square_avg[i] = static_cast<scalar_t>(v);
-    if (kUnscaleGrad) grad[i] = static_cast<scalar_t>(g);
-    if (kCentered) grad_avg[i] = static_cast<scalar_t>(m);
-    if (kMomentum) momentum_buffer[i] = static_cast<scalar_t>(b);
+    opmath_t p = Codec::load(param[i]);
+    opmath_t g = Codec::load(grad[i]);
+    opmath_t v = Codec::load(square_avg[i]);
+    opmath_t m = kCentered ? Codec::load(grad_avg[i]) : opmath_t(0);
+    opmath_t b = kMomentum ? Codec::load(momentum_buffer[i]) : opmath_t(0);
+    // A copy per element, which the compiler keeps in registers, where unscale_grad is a
+    // constant: without AMP there is no division by 1.
+    StepScalars<opmath_t> s = scalars;
+    s.unscale_grad = kUnscaleGrad;
+    rmsprop_update<kCentered, kMomentum>(p, g, v, m, b, s);
+    param[i] = Codec::store(p);
+    square_avg[i] = Codec::store(v);
+    if (kUnscaleGrad) grad[i] = Codec::store(g);
+    if (kCentered) grad_avg[i] = Codec::store(m);
+    if (kMomentum) momentum_buffer[i] = Codec::store(b);
   }
 }
 
@@ -75,10 +96,10 @@ void update_all(const TensorLists& lists, const StepScalars<at::opmath_type<scal
   std::vector<Pointers<scalar_t>> pointers(n);
   std::vector<int64_t> starts(n + 1, 0);  // starts[t]: index of tensor t's first element
   for (size_t t = 0; t < n; ++t) {
-    pointers[t] = {lists.params[t].data_ptr<scalar_t>(), lists.grads[t].data_ptr<scalar_t>(),
-                   lists.square_avgs[t].data_ptr<scalar_t>(),
-                   kCentered ? lists.grad_avgs[t].data_ptr<scalar_t>() : nullptr,
-                   kMomentum ? lists.momentum_buffers[t].data_ptr<scalar_t>() : nullptr};
+    pointers[t] = {storage_of<scalar_t>(lists.params[t]), storage_of<scalar_t>(lists.grads[t]),
+                   storage_of<scalar_t>(lists.square_avgs[t]),
+                   kCentered ? storage_of<scalar_t>(lists.grad_avgs[t]) : nullptr,
+                   kMomentum ? storage_of<scalar_t>(lists.momentum_buffers[t]) : nullptr};
     starts[t + 1] = starts[t] + lists.params[t].numel();
   }
   at::parallel_for(0, starts[n], kParallelGrain, [&](int64_t begin, int64_t end) {
@@ -88,10 +109,13 @@ void update_all(const TensorLists& lists, const StepScalars<at::opmath_type<scal
       const int64_t first = std::max(begin, starts[t]) - starts[t];
       const int64_t last = std::min(end, starts[t + 1]) - starts[t];
       if (first >= last) continue;
+      const Pointers<scalar_t>& p = pointers[t];
       if (unscale_grad) {
-        update_range<scalar_t, kCentered, kMomentum, true>(pointers[t], first, last, scalars);
+        update_range<scalar_t, kCentered, kMomentum, true>(
+            p.param, p.grad, p.square_avg, p.grad_avg, p.momentum_buffer, first, last, scalars);
       } else {
-        update_range<scalar_t, kCentered, kMomentum, false>(pointers[t], first, last, scalars);
+        update_range<scalar_t, kCentered, kMomentum, false>(
+            p.param, p.grad, p.square_avg, p.grad_avg, p.momentum_buffer, first, last, scalars);
       }
     }
   });
