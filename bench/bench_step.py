@@ -136,8 +136,9 @@ def timer_for(device: torch.device) -> Callable[[Callable[[], object]], float]:
 @dataclass(frozen=True)
 class TimingPlan:
     """Warm-up steps (state allocation, first-touch page faults, compilation and autotuning happen
-    there), then at least `repeats` timed steps, more until `min_time` seconds have been spent,
-    never more than `max_repeats`."""
+    there), then at least `repeats` timed steps, more until `min_time` seconds have been spent
+    (per implementation, on average, when a case's implementations are interleaved), never more
+    than `max_repeats`."""
 
     warmup: int = 2
     repeats: int = 7
@@ -314,6 +315,7 @@ class Measurement:
     warmup_s: List[float] = field(default_factory=list)
     times_s: List[float] = field(default_factory=list)
     skipped: Optional[str] = None
+    interleaved: bool = False  # timed in rounds with the case's other implementations
 
     @property
     def min_bytes(self) -> int:
@@ -333,6 +335,29 @@ def make_params(plist: ParamList, dtype: torch.dtype, device: torch.device, seed
     return params
 
 
+def memory_for_case(plist: ParamList, dtype: torch.dtype, options: OptionSet, n_impls: int) -> int:
+    """Bytes a case needs with `n_impls` optimizers alive at once: params and grads, each
+    optimizer's state (square_avg, grad_avg, momentum_buffer as the options need), and room for
+    the temporaries of torch's unfused paths (a list-sized intermediate, twice over)."""
+    tensor_bytes = plist.numel * dtype.itemsize
+    state_tensors = 1 + int(options.centered) + int(options.momentum > 0)
+    return tensor_bytes * (2 + 2 + n_impls * state_tensors)
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on the device now: the GPU's free memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # unknown: assume a small machine
+
+
 def run_list(
     plist: ParamList,
     dtype_name: str,
@@ -343,19 +368,32 @@ def run_list(
     *,
     seed: int = 0,
     compile_max_tensors: Optional[int] = None,
+    memory_budget: Optional[int] = None,
     progress=None,
     on_case_done: Callable[[List[Measurement]], None] = lambda case: None,
 ) -> List[Measurement]:
-    """Every option set x implementation on one list in one dtype. Params and grads are made once;
-    each implementation builds its own optimizer (its own state), is timed, and is freed before
-    the next, so memory holds one case at a time."""
+    """Every option set x implementation on one list in one dtype; params and grads are made once.
+
+    Each implementation builds its own optimizer (its own state) and is warmed up. Then, when all
+    of a case's optimizers fit in `memory_budget` bytes together, they are timed in interleaved
+    rounds, one step each per round in a rotating order, so that a burst of load from another
+    process on a shared machine slows every implementation alike and leaves their ratios
+    intact; otherwise (2^28 elements with centered + momentum on a small machine, say) one after
+    the other. Either way a case's optimizers are freed before the next case starts."""
     dtype = DTYPES[dtype_name]
     timer = timer_for(device)
     params = make_params(plist, dtype, device, seed)
     default_impl = torch_default_impl(params)
+    budget = memory_budget if memory_budget is not None else available_memory(device) // 2
     results: List[Measurement] = []
     for options in option_sets:
+        interleave = memory_for_case(plist, dtype, options, len(impl_names)) <= budget
         case: List[Measurement] = []
+        live: List[Tuple[Impl, Measurement, StepFn]] = []
+
+        def fail(m: Measurement, e: Exception) -> None:  # out of memory, a backend refusing this input: report, go on
+            m.skipped = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
+
         for name in impl_names:
             if progress is not None:
                 progress.set_description_str(f"{plist.name} {dtype_name} {options.name} {name}")
@@ -364,21 +402,47 @@ def run_list(
                 plist.name, plist.n_tensors, plist.numel, dtype_name, options.name, name,
                 min_bytes_per_element(dtype, options.centered, options.momentum), default_impl,
             )
+            case.append(m)
+            m.interleaved = interleave
             m.skipped = impl.refuses(plist, options)
-            if m.skipped is None:
-                step = None
-                try:
-                    step = impl.build(params, options)
+            if m.skipped is not None:
+                continue
+            try:
+                step = impl.build(params, options)
+                if interleave:
+                    m.warmup_s = [timer(step) for _ in range(plan.warmup + impl.extra_warmup)]
+                    live.append((impl, m, step))
+                else:
                     m.warmup_s, m.times_s = time_steps(step, timer, plan, impl.extra_warmup)
-                except Exception as e:  # out of memory, a backend failing on this input: report, go on
-                    m.skipped = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
-                finally:
-                    del step
+            except Exception as e:
+                fail(m, e)
+            finally:
+                step = None
+                if not interleave or m.skipped is not None:
                     impl.cleanup()
                     free_memory(device)
-            case.append(m)
-            if progress is not None:
+            if not interleave and progress is not None:
                 progress.update(1)
+
+        if live:
+            if progress is not None:
+                progress.set_description_str(f"{plist.name} {dtype_name} {options.name}: {len(live)} interleaved")
+            began, rounds = time.perf_counter(), 0
+            while rounds < plan.max_repeats and (rounds < plan.repeats or time.perf_counter() - began < plan.min_time * len(live)):
+                for k in range(len(live)):
+                    impl, m, step = live[(rounds + k) % len(live)]
+                    if m.skipped is None:
+                        try:
+                            m.times_s.append(timer(step))
+                        except Exception as e:
+                            fail(m, e)
+                rounds += 1
+            for impl, m, _ in live:
+                impl.cleanup()
+            live.clear()
+            free_memory(device)
+        if interleave and progress is not None:
+            progress.update(len(impl_names))
         results += case
         on_case_done(case)
     del params
@@ -603,6 +667,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="minimum timed steps per case")
     parser.add_argument("--min-time", type=float, help="keep timing a case until this many seconds were spent")
     parser.add_argument("--bandwidth-log2-numel", type=int, default=28, help="size of the copy-bandwidth tensor (default 2^28 fp32 = 1 GiB)")
+    parser.add_argument("--memory-budget-gib", type=float, help="interleave a case's implementations when all their "
+                        "optimizers fit in this much memory together (default: half the memory available at the start)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -641,6 +707,7 @@ def main(argv=None) -> int:
         min_time=base.min_time if args.min_time is None else args.min_time,
     )
     cases = plan_cases(args)
+    memory_budget = available_memory(device) // 2 if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30)
     compile_max_tensors = args.compile_max_tensors
     if compile_max_tensors is None and device.type == "cpu":
         compile_max_tensors = 500
@@ -686,7 +753,7 @@ def main(argv=None) -> int:
                     bar.write(format_row(rows[-1]))
 
             run_list(plist, dtype_name, [OPTION_SETS[o] for o in option_names], impls_by_dtype[dtype_name],
-                     device, plan, seed=args.seed, compile_max_tensors=compile_max_tensors, progress=bar, on_case_done=report)
+                     device, plan, seed=args.seed, compile_max_tensors=compile_max_tensors, memory_budget=memory_budget, progress=bar, on_case_done=report)
     finally:
         bar.close()
     elapsed = time.perf_counter() - began
@@ -706,7 +773,11 @@ def main(argv=None) -> int:
     report = {
         "environment": env,
         "byte_model": "minimum bytes per element of one fused pass (DESIGN.md section 4); gbps = min_bytes / median_s",
-        "timing": dataclasses.asdict(plan) | {"timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter"},
+        "timing": dataclasses.asdict(plan) | {
+            "timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter",
+            "memory_budget_bytes": memory_budget,
+            "interleaving": "a case's implementations take turns, one step each per round, when their optimizers fit in the budget together",
+        },
         "bandwidth": bandwidths,
         "unavailable": unavailable,
         "elapsed_s": elapsed,

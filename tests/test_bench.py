@@ -112,14 +112,17 @@ def _impls_here(dtype):
             if bench.why_unavailable(n, torch.device("cpu"), dtype) is None or n == "bnb"]
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-def test_run_list_times_every_implementation_on_a_tiny_list(dtype_name):
+@pytest.mark.parametrize("dtype_name, memory_budget", [("fp32", None), ("bf16", None), ("fp32", 0)],
+                         ids=["fp32-interleaved", "bf16-interleaved", "fp32-one-after-another"])
+def test_run_list_times_every_implementation_on_a_tiny_list(dtype_name, memory_budget):
     options = list(bench.OPTION_SETS.values())
     impls = _impls_here(bench.DTYPES[dtype_name])
     done = []
-    results = bench.run_list(TINY, dtype_name, options, impls, torch.device("cpu"), QUICK_PLAN, on_case_done=done.append)
+    results = bench.run_list(TINY, dtype_name, options, impls, torch.device("cpu"), QUICK_PLAN,
+                             memory_budget=memory_budget, on_case_done=done.append)
     assert len(results) == len(options) * len(impls) and len(done) == len(options)
     for m in results:
+        assert m.interleaved == (memory_budget is None)  # a budget of 0 bytes fits no case
         assert m.default_impl == "torch-forloop"  # torch's CPU default
         if m.impl == "bnb":
             assert m.skipped  # not installed here, or refusing momentum / centered
@@ -161,6 +164,14 @@ def test_unavailable_implementations_say_why():
     assert bnb.refuses(TINY, bench.OPTION_SETS["plain"]) is None
     compiled = bench.make_impl("torch-compile", compile_max_tensors=2)
     assert "3-tensor" in compiled.refuses(TINY, bench.OPTION_SETS["plain"])
+
+
+def test_memory_for_case_counts_params_grads_states_and_temporaries():
+    gpt2 = param_lists.gpt2_small()
+    nbytes = gpt2.numel * 4
+    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["plain"], 1) == 5 * nbytes
+    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["centered+momentum"], 3) == 13 * nbytes
+    assert bench.available_memory(torch.device("cpu")) > 0
 
 
 def test_quick_plan_and_case_selection():
