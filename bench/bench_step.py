@@ -525,6 +525,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -540,6 +547,9 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "bitsandbytes": _version("bitsandbytes"),
         "rmsprop_fused": rmsprop_fused.__version__,
+        # On a shared machine the load decides how far apart the implementations land: torch's
+        # unfused paths open one parallel region per op, and every preempted thread stalls them.
+        "load_average_1_5_15min": _load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -586,7 +596,7 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
         ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(
         f"RMSprop step on {env['device_name']} ({env['torch_threads']} threads) - minimum bytes / median time\n"
-        f"torch {env['torch']}, {env['date'][:10]}",
+        f"torch {env['torch']}, {env['date'][:10]}, load average at the start {env['load_average_1_5_15min']}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -717,7 +727,8 @@ def main(argv=None) -> int:
     ]
     env = environment(device)
     print(f"{env['device_name']} ({device}, {env['torch_threads']} threads), torch {env['torch']}, "
-          f"triton {env['triton']}, rmsprop_fused {env['rmsprop_fused']}, {env['date']}")
+          f"triton {env['triton']}, rmsprop_fused {env['rmsprop_fused']}, {env['date']}, "
+          f"load average {env['load_average_1_5_15min']}")
 
     # What cannot run here is said once per dtype, not in every case.
     impls_by_dtype: Dict[str, List[str]] = {}
@@ -781,6 +792,7 @@ def main(argv=None) -> int:
         "bandwidth": bandwidths,
         "unavailable": unavailable,
         "elapsed_s": elapsed,
+        "load_average_at_the_end": _load_average(),
         "results": rows,
     }
     with open(stem + ".json", "w") as f:
