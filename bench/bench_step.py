@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
+import importlib
 import json
-import math
 import os
 import platform
 import re
@@ -163,20 +164,19 @@ def measure_bandwidth(device: torch.device, numel: int, plan: TimingPlan) -> dic
     copy     dst.copy_(src): 8 bytes/element counted (read src, write dst). On a CPU the write
              also reads dst into the cache first (write-allocate), which this count leaves out.
     inplace  dst.add_(src): 12 bytes/element (read both, write dst in place). An optimizer step
-             is in place too, so on a CPU this is its real ceiling, and an in-place update can
-             show more than 100% of the copy bandwidth.
+             updates in place too and pays no write-allocate, so on a CPU this is the closer
+             ceiling, and a fused step can show more than 100% of the copy bandwidth.
     """
     timer = timer_for(device)
-    src = torch.rand(numel, device=device)
-    dst = torch.rand(numel, device=device)
+    src, dst = torch.rand(numel, device=device), torch.rand(numel, device=device)
     nbytes = numel * src.element_size()
-    result = {"numel": numel}
-    for name, fn, bytes_moved in (("copy", lambda: dst.copy_(src), 2 * nbytes), ("inplace_add", lambda: dst.add_(src), 3 * nbytes)):
-        _, times = time_steps(fn, timer, plan)
-        stats = step_stats(times)
-        result[f"{name}_gbps"] = effective_gbps(bytes_moved, stats["median_s"])
+    ops = {"copy": (functools.partial(dst.copy_, src), 2 * nbytes), "inplace_add": (functools.partial(dst.add_, src), 3 * nbytes)}
+    result: dict = {"numel": numel}
+    for name, (op, bytes_moved) in ops.items():
+        _, times = time_steps(op, timer, plan)
+        result[f"{name}_gbps"] = effective_gbps(bytes_moved, step_stats(times)["median_s"])
         result[f"{name}_times_s"] = times
-    del src, dst
+    del src, dst, ops, op
     free_memory(device)
     return result
 
@@ -274,7 +274,7 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> Opti
         return rmsprop_fused.unavailable_reason(backend, device, dtype)
     if name == "bnb":
         try:
-            import bitsandbytes  # noqa: F401
+            importlib.import_module("bitsandbytes")
         except Exception as e:  # ImportError, or a broken install failing at import
             return f"bitsandbytes is not importable ({type(e).__name__}: {e})".replace("\n", " ")
     return None
