@@ -469,7 +469,18 @@ def summarise(m: Measurement, case: Sequence[Measurement], bandwidth: dict) -> d
     for key, other_name in (("speedup_vs_default", m.default_impl), ("speedup_vs_foreach", "torch-foreach")):
         other = next((o for o in case if o.impl == other_name and o.skipped is None), None)
         row[key] = statistics.median(other.times_s) / row["median_s"] if other is not None else None
+        row[key + "_paired"] = paired_speedup(other, m) if other is not None else None
     return row
+
+
+def paired_speedup(baseline: Measurement, m: Measurement) -> Optional[float]:
+    """The median over rounds of baseline time / m's time in the same round, for interleaved
+    measurements (None otherwise). Two steps of one round ran seconds apart at most, under much
+    the same load, so this ratio is steadier than the ratio of medians on a busy machine."""
+    if not (baseline.interleaved and m.interleaved):
+        return None
+    rounds = min(len(baseline.times_s), len(m.times_s))
+    return statistics.median(b / t for b, t in zip(baseline.times_s[:rounds], m.times_s[:rounds])) if rounds else None
 
 
 def _ms(seconds: float) -> str:
@@ -775,7 +786,9 @@ def main(argv=None) -> int:
     for r in rows:
         if r["impl"] == fused and r.get("speedup_vs_default") is not None:
             vs_foreach = r.get("speedup_vs_foreach")
+            paired = r.get("speedup_vs_default_paired")
             print(f"{fused} on {r['list_name']} {r['dtype']} {r['options']}: {r['speedup_vs_default']:.2f}x {r['default_impl']}"
+                  + (f" (round by round {paired:.2f}x)" if paired else "")
                   + (f", {vs_foreach:.2f}x torch-foreach" if vs_foreach else "")
                   + f", {r['gbps']:.1f} GB/s = {r['fraction_of_copy']:.0%} of copy_, {r['fraction_of_inplace_add']:.0%} of in-place add_")
 

@@ -16,8 +16,8 @@ eps outside the root). Each part prints what the chapter prints and writes a PNG
                     (the chapter: "epoch 20, x1: -0.010599, x2: 0.000000")
 3. airfoil.png      linear regression on the airfoil data, the chapter's train_ch11 with d2l's
                     from-scratch rmsprop and with FusedRMSprop, same seed and data order
-4. gamma_one.png    exercise 1: gamma = 1
-   rotated.png      exercise 3: f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2
+4. gamma_one.png    exercise 1: gamma = 1 (from d2l's s = 0, and from TF1's s = 1)
+   rotated.png      exercise 2: f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2
 """
 
 from __future__ import annotations
@@ -94,8 +94,9 @@ def f_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def f_rotated(x: torch.Tensor) -> torch.Tensor:
-    """Exercise 3: the same two curvatures (0.2 and 4 after the 1/2 of a quadratic form, up to
-    a factor 2 from the rotation), along the diagonals instead of the axes."""
+    """Exercise 2. In the diagonal coordinates u = (x1 + x2) / sqrt(2), v = (x1 - x2) / sqrt(2)
+    this is 0.2 u^2 + 4 v^2: f_2d's 20:1 curvature ratio (both curvatures doubled), along the
+    diagonals instead of the axes."""
     return 0.1 * (x[0] + x[1]) ** 2 + 2 * (x[0] - x[1]) ** 2
 
 
@@ -292,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"   largest difference between the two loss curves: {gap:.2e}")
     plot_airfoil(runs, out("airfoil.png"))
 
-    print("4a. Exercise: gamma = 1.")
+    print("4a. Exercise 1: gamma = 1.")
     diverging = trajectory(f_2d, gamma=1.0)
     ones_init = trajectory(f_2d, gamma=1.0, initial_scale=1.0)
     print("   " + epoch_line(diverging, "g").replace(", x1", " (s starts at 0, as in d2l), x1"))
@@ -304,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "   x2 oscillates (factor -0.6) and x1 crawls (factor 0.92): no per-coordinate scaling at all.")
     plot_gamma_one({"gamma 1, s0 = 0 (d2l)": diverging, "gamma 1, s0 = 1 (TF1)": ones_init, "gamma 0.9, s0 = 0": points}, out("gamma_one.png"))
 
-    print("4b. Exercise: rotated problem f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2, same settings:")
+    print("4b. Exercise 2: rotated problem f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2, same settings:")
     rotated = trajectory(f_rotated)
     x_end = torch.tensor(rotated[-1], dtype=torch.float64)
     print(f"   {epoch_line(rotated)}, f = {f_rotated(x_end).item():.6f} "

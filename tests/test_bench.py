@@ -60,6 +60,18 @@ def test_step_stats_median_and_quartiles():
         bench.step_stats([])
 
 
+def test_paired_speedup_is_the_median_of_per_round_ratios():
+    def measurement(impl, times):
+        return bench.Measurement("tiny", 1, 1000, "fp32", "plain", impl, 20, "torch-forloop", times_s=times, interleaved=True)
+
+    # a load burst in round 2 slows both alike: per round the baseline is 3x, 3x, 3x slower
+    baseline, fused = measurement("torch-forloop", [0.3, 3.0, 0.6]), measurement("fused-cpu", [0.1, 1.0, 0.2])
+    assert bench.paired_speedup(baseline, fused) == pytest.approx(3.0)
+    assert bench.summarise(fused, [fused, baseline], {"copy_gbps": 1.0, "inplace_add_gbps": 1.0})["speedup_vs_default_paired"] == pytest.approx(3.0)
+    fused.times_s = [0.1, 1.0]  # a step failed in the last round: pair the rounds both have
+    assert bench.paired_speedup(baseline, fused) == pytest.approx(3.0)
+
+
 def test_summarise_derives_bandwidth_fractions_and_speedups():
     def measurement(impl, times):
         return bench.Measurement("tiny", 1, 1000, "fp32", "plain", impl, 20, "torch-forloop", times_s=times)
@@ -73,6 +85,7 @@ def test_summarise_derives_bandwidth_fractions_and_speedups():
     assert row["fraction_of_inplace_add"] == pytest.approx(row["gbps"] / 2e-4)
     assert row["speedup_vs_default"] == pytest.approx(4.0)
     assert row["speedup_vs_foreach"] == pytest.approx(2.0)
+    assert row["speedup_vs_default_paired"] is None  # not interleaved: no rounds to pair
     # a skipped baseline leaves the speedup unknown, not wrong
     case[1].skipped = "not here"
     assert bench.summarise(fused, case, {"copy_gbps": 1.0, "inplace_add_gbps": 1.0})["speedup_vs_default"] is None
