@@ -138,8 +138,12 @@ def plot_trace_2d(f: Callable[[torch.Tensor], torch.Tensor], points: Sequence[Tu
         torch.arange(min(-3.0, min(ys) - 0.5), max(1.0, max(ys) + 0.5), 0.1, dtype=torch.float64),
         indexing="ij",
     )
+    values = f(torch.stack([x1, x2]))
+    # Levels at quantiles of f over the grid rather than evenly spaced values: a narrow valley
+    # (the rotated problem's) then gets contours too, not only the steep corners.
+    levels = torch.quantile(values.flatten(), torch.linspace(0.02, 0.98, 10, dtype=torch.float64)).unique()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.contour(x1.numpy(), x2.numpy(), f(torch.stack([x1, x2])).numpy(), colors="#1f77b4")
+    ax.contour(x1.numpy(), x2.numpy(), values.numpy(), levels=levels.numpy(), colors="#1f77b4")
     ax.plot(*zip(*points), "-o", color="#ff7f0e")
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
