@@ -17,7 +17,9 @@ AMP: on CUDA, float16 autocast with a GradScaler. On CPU, bfloat16 autocast (CPU
 float16 matmul path worth using), with torch.amp.GradScaler("cpu") as well. bfloat16 has float32's
 exponent range, so it needs no loss scaling; the scaler is kept so that one loop serves both
 devices and, with FusedRMSprop, the step takes the scale and the inf flag and unscales inside its
-single pass (`_step_supports_amp_scaling`) instead of a separate unscale pass.
+single pass (`_step_supports_amp_scaling`) instead of a separate unscale pass. On a CPU this shows
+the mechanics, not a speed-up: for matrices this small, bf16 matmuls cost milliseconds each
+(measured on a 2-core Xeon with torch 2.14), far more than the float32 ones they replace.
 """
 
 from __future__ import annotations
