@@ -147,13 +147,39 @@ class TimingPlan:
     max_repeats: int = 30
 
 
-def time_steps(step: Callable[[], object], timer, plan: TimingPlan, extra_warmup: int = 0) -> Tuple[List[float], List[float]]:
+def minor_page_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where getrusage is missing).
+
+    Worth counting on a CPU: torch's unfused paths allocate temporaries every step, and glibc
+    serves an allocation over its mmap threshold (32 MiB at most; GPT-2's 154 MB embedding is
+    over it) with fresh pages, faulted in again at every step. On the 2-core VM this was written
+    on, GPT-2's 37,693 faults per for-loop step cost about 2 s, some 50 us each, and decided
+    the for-loop's step time."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return None
+
+
+def timed_step(step: Callable[[], object], timer, faults: Optional[List[int]] = None) -> float:
+    """One timed call; its minor page faults are appended to `faults` when a list is given."""
+    before = minor_page_faults() if faults is not None else None
+    seconds = timer(step)
+    if before is not None:
+        faults.append(minor_page_faults() - before)
+    return seconds
+
+
+def time_steps(step: Callable[[], object], timer, plan: TimingPlan, extra_warmup: int = 0,
+               faults: Optional[List[int]] = None) -> Tuple[List[float], List[float]]:
     """(warm-up times, timed step times), in seconds."""
     warmup = [timer(step) for _ in range(plan.warmup + extra_warmup)]
     times: List[float] = []
     began = time.perf_counter()
     while len(times) < plan.max_repeats and (len(times) < plan.repeats or time.perf_counter() - began < plan.min_time):
-        times.append(timer(step))
+        times.append(timed_step(step, timer, faults))
     return warmup, times
 
 
@@ -202,13 +228,21 @@ class Impl:
     extra_warmup: int = 0
     refuses: Callable[[ParamList, OptionSet], Optional[str]] = lambda plist, options: None  # why it sits a case out
     cleanup: Callable[[], None] = lambda: None
+    # Timed by itself after the case's contenders, with at most ORACLE_REPEATS steps: the
+    # reference backend is the correctness oracle, slow and memory-hungry (a float32 temporary
+    # per op), and is timed to show what fusing buys, not to be compared round by round.
+    alone: bool = False
+
+
+ORACLE_REPEATS = 3
 
 
 def _fused(backend: str) -> Impl:
     def build(params, options):
         return FusedRMSprop(params, lr=LR, backend=backend, **options.kwargs()).step
 
-    return Impl(f"fused-{backend}", build, extra_warmup=2 if backend == "triton" else 0)  # Triton autotunes at first
+    return Impl(f"fused-{backend}", build, extra_warmup=2 if backend == "triton" else 0,  # Triton autotunes at first
+                alone=backend == "reference")
 
 
 def _torch(foreach: bool) -> Impl:
@@ -316,6 +350,7 @@ class Measurement:
     times_s: List[float] = field(default_factory=list)
     skipped: Optional[str] = None
     interleaved: bool = False  # timed in rounds with the case's other implementations
+    page_faults: List[int] = field(default_factory=list)  # minor faults of each timed step (CPU)
 
     @property
     def min_bytes(self) -> int:
@@ -338,10 +373,11 @@ def make_params(plist: ParamList, dtype: torch.dtype, device: torch.device, seed
 def memory_for_case(plist: ParamList, dtype: torch.dtype, options: OptionSet, n_impls: int) -> int:
     """Bytes a case needs with `n_impls` optimizers alive at once: params and grads, each
     optimizer's state (square_avg, grad_avg, momentum_buffer as the options need), and room for
-    the temporaries of torch's unfused paths (a list-sized intermediate, twice over)."""
+    the temporaries of the one step running at a time (torch's foreach path holds a few
+    list-sized intermediates; counted as four in float32, the compute type of 16-bit params)."""
     tensor_bytes = plist.numel * dtype.itemsize
     state_tensors = 1 + int(options.centered) + int(options.momentum > 0)
-    return tensor_bytes * (2 + 2 + n_impls * state_tensors)
+    return tensor_bytes * (2 + n_impls * state_tensors) + 4 * plist.numel * 4
 
 
 def available_memory(device: torch.device) -> int:
@@ -374,75 +410,83 @@ def run_list(
 ) -> List[Measurement]:
     """Every option set x implementation on one list in one dtype; params and grads are made once.
 
-    Each implementation builds its own optimizer (its own state) and is warmed up. Then, when all
-    of a case's optimizers fit in `memory_budget` bytes together, they are timed in interleaved
+    Each implementation builds its own optimizer (its own state) and is warmed up. Then, when the
+    contenders' optimizers fit in `memory_budget` bytes together, they are timed in interleaved
     rounds, one step each per round in a rotating order, so that a burst of load from another
     process on a shared machine slows every implementation alike and leaves their ratios
-    intact; otherwise (2^28 elements with centered + momentum on a small machine, say) one after
-    the other. Either way a case's optimizers are freed before the next case starts."""
+    intact; otherwise (2^28 elements with momentum on a small machine, say) one after the other.
+    The reference backend is timed alone, last (Impl.alone). A case's optimizers are all freed
+    before the next case starts."""
     dtype = DTYPES[dtype_name]
     timer = timer_for(device)
+    count_faults = device.type == "cpu" and minor_page_faults() is not None
     params = make_params(plist, dtype, device, seed)
     default_impl = torch_default_impl(params)
     budget = memory_budget if memory_budget is not None else available_memory(device) // 2
+    impls = sorted((make_impl(name, compile_max_tensors) for name in impl_names), key=lambda impl: impl.alone)
     results: List[Measurement] = []
     for options in option_sets:
-        interleave = memory_for_case(plist, dtype, options, len(impl_names)) <= budget
+        contenders = sum(not impl.alone for impl in impls)
+        interleave = memory_for_case(plist, dtype, options, contenders) <= budget
         case: List[Measurement] = []
         live: List[Tuple[Impl, Measurement, StepFn]] = []
 
         def fail(m: Measurement, e: Exception) -> None:  # out of memory, a backend refusing this input: report, go on
             m.skipped = f"failed: {type(e).__name__}: {e}".replace("\n", " ")[:300]
 
-        for name in impl_names:
-            if progress is not None:
-                progress.set_description_str(f"{plist.name} {dtype_name} {options.name} {name}")
-            impl = make_impl(name, compile_max_tensors)
-            m = Measurement(
-                plist.name, plist.n_tensors, plist.numel, dtype_name, options.name, name,
-                min_bytes_per_element(dtype, options.centered, options.momentum), default_impl,
-            )
-            case.append(m)
-            m.interleaved = interleave
-            m.skipped = impl.refuses(plist, options)
-            if m.skipped is not None:
-                continue
-            try:
-                step = impl.build(params, options)
-                if interleave:
-                    m.warmup_s = [timer(step) for _ in range(plan.warmup + impl.extra_warmup)]
-                    live.append((impl, m, step))
-                else:
-                    m.warmup_s, m.times_s = time_steps(step, timer, plan, impl.extra_warmup)
-            except Exception as e:
-                fail(m, e)
-            finally:
-                step = None
-                if not interleave or m.skipped is not None:
-                    impl.cleanup()
-                    free_memory(device)
-            if not interleave and progress is not None:
-                progress.update(1)
-
-        if live:
+        def time_interleaved() -> None:
             if progress is not None:
                 progress.set_description_str(f"{plist.name} {dtype_name} {options.name}: {len(live)} interleaved")
             began, rounds = time.perf_counter(), 0
             while rounds < plan.max_repeats and (rounds < plan.repeats or time.perf_counter() - began < plan.min_time * len(live)):
                 for k in range(len(live)):
-                    impl, m, step = live[(rounds + k) % len(live)]
+                    _, m, step = live[(rounds + k) % len(live)]
                     if m.skipped is None:
                         try:
-                            m.times_s.append(timer(step))
+                            m.times_s.append(timed_step(step, timer, m.page_faults if count_faults else None))
                         except Exception as e:
                             fail(m, e)
                 rounds += 1
-            for impl, m, _ in live:
+            for impl, _, _ in live:
                 impl.cleanup()
+            if progress is not None:
+                progress.update(len(live))
             live.clear()
             free_memory(device)
-        if interleave and progress is not None:
-            progress.update(len(impl_names))
+
+        for impl in impls:
+            if impl.alone and live:  # the contenders are done with before the oracle allocates
+                time_interleaved()
+            if progress is not None:
+                progress.set_description_str(f"{plist.name} {dtype_name} {options.name} {impl.name}")
+            m = Measurement(
+                plist.name, plist.n_tensors, plist.numel, dtype_name, options.name, impl.name,
+                min_bytes_per_element(dtype, options.centered, options.momentum), default_impl,
+            )
+            case.append(m)
+            m.interleaved = interleave and not impl.alone
+            m.skipped = impl.refuses(plist, options)
+            if m.skipped is None:
+                step = None
+                try:
+                    step = impl.build(params, options)
+                    if m.interleaved:
+                        m.warmup_s = [timer(step) for _ in range(plan.warmup + impl.extra_warmup)]
+                        live.append((impl, m, step))
+                    else:
+                        own_plan = dataclasses.replace(plan, repeats=min(plan.repeats, ORACLE_REPEATS), min_time=0.0) if impl.alone else plan
+                        m.warmup_s, m.times_s = time_steps(step, timer, own_plan, impl.extra_warmup, m.page_faults if count_faults else None)
+                except Exception as e:
+                    fail(m, e)
+                finally:
+                    step = None
+                    if not m.interleaved or m.skipped is not None:
+                        impl.cleanup()
+                        free_memory(device)
+            if not (m.interleaved and m.skipped is None) and progress is not None:
+                progress.update(1)
+        if live:
+            time_interleaved()
         results += case
         on_case_done(case)
     del params
@@ -462,6 +506,7 @@ def summarise(m: Measurement, case: Sequence[Measurement], bandwidth: dict) -> d
     if m.skipped is not None:
         return row
     row.update(step_stats(m.times_s))
+    row["page_faults_per_step"] = int(statistics.median(m.page_faults)) if m.page_faults else None
     gbps = effective_gbps(m.min_bytes, row["median_s"])
     row["gbps"] = gbps
     row["fraction_of_copy"] = gbps / bandwidth["copy_gbps"]
@@ -487,7 +532,8 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g}" if seconds * 1e3 < 100 else f"{seconds * 1e3:.0f}"
 
 
-COLUMNS = f"{'list':<11}{'dtype':<6}{'options':<19}{'implementation':<16}{'median ms':>10}  {'IQR ms':<15}{'GB/s':>7}{'of copy':>9}{'x default':>10}"
+COLUMNS = (f"{'list':<11}{'dtype':<6}{'options':<19}{'implementation':<16}{'median ms':>10}  {'IQR ms':<15}{'GB/s':>7}"
+           f"{'of copy':>9}{'x default':>10}{'faults/step':>12}")
 
 
 def format_row(row: dict) -> str:
@@ -498,6 +544,7 @@ def format_row(row: dict) -> str:
     return head + (
         f"{_ms(row['median_s']):>10}  {_ms(row['q1_s']) + '-' + _ms(row['q3_s']):<15}"
         f"{row['gbps']:>7.1f}{row['fraction_of_copy']:>8.0%} {'' if speedup is None else f'{speedup:.2f}x':>10}"
+        f"{'' if row.get('page_faults_per_step') is None else row['page_faults_per_step']:>12}"
     )
 
 
@@ -754,12 +801,36 @@ def main(argv=None) -> int:
                 unavailable[f"{name} ({dtype_name})"] = reason
                 print(f"  skipping {name} for {dtype_name}: {reason}")
 
-    total = sum(len(o) * len(impls_by_dtype[d]) for _, d, o in cases)
-    bar = progress_bar(total)
-    bar.write(COLUMNS)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, device_stem(device) + ("-quick" if args.quick else ""))
     rows: List[dict] = []
     bandwidths: Dict[str, dict] = {}
     began = time.perf_counter()
+
+    def save(finished: bool) -> None:
+        """The JSON is rewritten after every case, so a run that dies (killed for memory, say)
+        keeps what it measured."""
+        report = {
+            "environment": env,
+            "finished": finished,
+            "byte_model": "minimum bytes per element of one fused pass (DESIGN.md section 4); gbps = min_bytes / median_s",
+            "timing": dataclasses.asdict(plan) | {
+                "timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter",
+                "memory_budget_bytes": memory_budget,
+                "interleaving": "a case's implementations take turns, one step each per round, when their optimizers fit in the budget together",
+            },
+            "bandwidth": bandwidths,
+            "unavailable": unavailable,
+            "elapsed_s": time.perf_counter() - began,
+            "load_average_now": _load_average(),
+            "results": rows,
+        }
+        with open(stem + ".json.partial", "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(stem + ".json.partial", stem + ".json")
+
+    bar = progress_bar(sum(len(o) * len(impls_by_dtype[d]) for _, d, o in cases))
+    bar.write(COLUMNS)
     try:
         for list_name, dtype_name, option_names in cases:
             plist = LISTS[list_name]()
@@ -773,11 +844,14 @@ def main(argv=None) -> int:
                 for m in case:
                     rows.append(summarise(m, case, bandwidth))
                     bar.write(format_row(rows[-1]))
+                save(finished=False)
 
             run_list(plist, dtype_name, [OPTION_SETS[o] for o in option_names], impls_by_dtype[dtype_name],
-                     device, plan, seed=args.seed, compile_max_tensors=compile_max_tensors, memory_budget=memory_budget, progress=bar, on_case_done=report)
+                     device, plan, seed=args.seed, compile_max_tensors=compile_max_tensors, memory_budget=memory_budget,
+                     progress=bar, on_case_done=report)
     finally:
         bar.close()
+    save(finished=True)
     elapsed = time.perf_counter() - began
 
     for list_name, bw in bandwidths.items():
@@ -791,25 +865,6 @@ def main(argv=None) -> int:
                   + (f" (round by round {paired:.2f}x)" if paired else "")
                   + (f", {vs_foreach:.2f}x torch-foreach" if vs_foreach else "")
                   + f", {r['gbps']:.1f} GB/s = {r['fraction_of_copy']:.0%} of copy_, {r['fraction_of_inplace_add']:.0%} of in-place add_")
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, device_stem(device) + ("-quick" if args.quick else ""))
-    report = {
-        "environment": env,
-        "byte_model": "minimum bytes per element of one fused pass (DESIGN.md section 4); gbps = min_bytes / median_s",
-        "timing": dataclasses.asdict(plan) | {
-            "timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter",
-            "memory_budget_bytes": memory_budget,
-            "interleaving": "a case's implementations take turns, one step each per round, when their optimizers fit in the budget together",
-        },
-        "bandwidth": bandwidths,
-        "unavailable": unavailable,
-        "elapsed_s": elapsed,
-        "load_average_at_the_end": _load_average(),
-        "results": rows,
-    }
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1)
     if rows:
         plot(rows, bandwidths, env, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png ({elapsed:.0f} s)")

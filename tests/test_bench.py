@@ -135,13 +135,15 @@ def test_run_list_times_every_implementation_on_a_tiny_list(dtype_name, memory_b
                              memory_budget=memory_budget, on_case_done=done.append)
     assert len(results) == len(options) * len(impls) and len(done) == len(options)
     for m in results:
-        assert m.interleaved == (memory_budget is None)  # a budget of 0 bytes fits no case
+        # a budget of 0 bytes fits no case; the oracle is always timed alone, with at most 3 steps
+        assert m.interleaved == (memory_budget is None and m.impl != "fused-reference")
         assert m.default_impl == "torch-forloop"  # torch's CPU default
         if m.impl == "bnb":
             assert m.skipped  # not installed here, or refusing momentum / centered
             continue
         assert m.skipped is None, m.skipped
         assert len(m.warmup_s) == 1 and len(m.times_s) == 2 and all(t > 0 for t in m.times_s)
+        assert len(m.page_faults) == 2 and all(f >= 0 for f in m.page_faults)
         assert m.min_bytes == TINY.numel * bench.min_bytes_per_element(bench.DTYPES[dtype_name], *bench.OPTION_SETS[m.options].kwargs().values())
     for case in done:
         rows = [bench.summarise(m, case, {"copy_gbps": 1.0, "inplace_add_gbps": 1.5}) for m in case]
@@ -182,8 +184,10 @@ def test_unavailable_implementations_say_why():
 def test_memory_for_case_counts_params_grads_states_and_temporaries():
     gpt2 = param_lists.gpt2_small()
     nbytes = gpt2.numel * 4
-    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["plain"], 1) == 5 * nbytes
-    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["centered+momentum"], 3) == 13 * nbytes
+    temporaries = 4 * gpt2.numel * 4  # four float32 list-sized intermediates
+    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["plain"], 1) == 3 * nbytes + temporaries
+    assert bench.memory_for_case(gpt2, torch.float32, bench.OPTION_SETS["centered+momentum"], 3) == 11 * nbytes + temporaries
+    assert bench.memory_for_case(gpt2, torch.bfloat16, bench.OPTION_SETS["plain"], 1) == 3 * nbytes // 2 + temporaries
     assert bench.available_memory(torch.device("cpu")) > 0
 
 
@@ -217,6 +221,7 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     stem = tmp_path / bench.device_stem(torch.device("cpu"))
     report = json.loads(stem.with_suffix(".json").read_text())
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["cpu_count"] == os.cpu_count()
+    assert report["finished"] and not list(tmp_path.glob("*.partial"))
     assert report["bandwidth"]["tiny"]["copy_gbps"] > 0 and report["bandwidth"]["tiny"]["inplace_add_gbps"] > 0
     rows = report["results"]
     assert {r["options"] for r in rows} == {"plain", "momentum"}
@@ -226,6 +231,14 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
         assert math.isfinite(r["speedup_vs_default"])
     png = stem.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_page_faults_are_counted_per_step():
+    if bench.minor_page_faults() is None:
+        pytest.skip("getrusage is not available here")
+    faults = []
+    bench.timed_step(lambda: torch.ones(2**22).sum(), bench.cpu_timer, faults)  # 16 MiB of fresh pages
+    assert len(faults) == 1 and faults[0] >= 0
 
 
 def test_simple_progress_bar_writes_lines(capsys):
