@@ -737,6 +737,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-log2-numel", type=int, default=28, help="size of the copy-bandwidth tensor (default 2^28 fp32 = 1 GiB)")
     parser.add_argument("--memory-budget-gib", type=float, help="interleave a case's implementations when all their "
                         "optimizers fit in this much memory together (default: half the memory available at the start)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's, one per core). "
+                        "With 1 no step waits at a parallel region's barrier for a thread that another process preempted")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -764,6 +766,8 @@ def plan_cases(args) -> List[Tuple[str, str, Tuple[str, ...]]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
@@ -802,7 +806,7 @@ def main(argv=None) -> int:
                 print(f"  skipping {name} for {dtype_name}: {reason}")
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, device_stem(device) + ("-quick" if args.quick else ""))
+    stem = os.path.join(args.out, device_stem(device) + (f"-{args.threads}thread" if args.threads else "") + ("-quick" if args.quick else ""))
     rows: List[dict] = []
     bandwidths: Dict[str, dict] = {}
     began = time.perf_counter()
