@@ -651,23 +651,29 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
                 ys.append(r["gbps"])
                 lo.append(r["gbps"] - effective_gbps(r["min_bytes"], r["q3_s"]))
                 hi.append(effective_gbps(r["min_bytes"], r["q1_s"]) - r["gbps"])
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl, color=colours[impl])
+            if xs:  # an implementation that sat out this whole list gets no legend entry here
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl, color=colours[impl])
         bw = bandwidths[list_name]
         ax.axhline(bw["copy_gbps"], color="black", linestyle="--", linewidth=1, label=f"copy_ {bw['copy_gbps']:.0f} GB/s")
         ax.axhline(bw["inplace_add_gbps"], color="grey", linestyle=":", linewidth=1, label=f"in-place add_ {bw['inplace_add_gbps']:.0f} GB/s")
         ax.set_xticks(range(len(cases)), [f"{d}\n{o}" for d, o in cases])
         first = list_rows[0]
-        ax.set_title(f"{list_name}: {first['n_tensors']} tensors, {first['numel'] / 1e6:.1f}M elements", fontsize=10)
+        tensors = f"{first['n_tensors']} tensor" + ("s" if first["n_tensors"] != 1 else "")
+        ax.set_title(f"{list_name}: {tensors}, {first['numel'] / 1e6:.1f}M elements", fontsize=10)
         ax.set_ylabel("effective GB/s")
         ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(
-        f"RMSprop step on {env['device_name']} ({env['torch_threads']} threads) - minimum bytes / median time\n"
+        f"RMSprop step on {env['device_name']} ({_threads(env)}) - minimum bytes / median time\n"
         f"torch {env['torch']}, {env['date'][:10]}, load average at the start {env['load_average_1_5_15min']}",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _threads(env: dict) -> str:
+    return f"{env['torch_threads']} thread" + ("s" if env["torch_threads"] != 1 else "")
 
 
 def _max_cases(rows: Sequence[dict]) -> int:
@@ -796,7 +802,7 @@ def main(argv=None) -> int:
         if not (i == "torch-compile" and (args.quick or args.no_compile)) and not (i == "fused-reference" and args.quick)
     ]
     env = environment(device)
-    print(f"{env['device_name']} ({device}, {env['torch_threads']} threads), torch {env['torch']}, "
+    print(f"{env['device_name']} ({device}, {_threads(env)}), torch {env['torch']}, "
           f"triton {env['triton']}, rmsprop_fused {env['rmsprop_fused']}, {env['date']}, "
           f"load average {env['load_average_1_5_15min']}")
 
