@@ -1,0 +1,328 @@
+"""The "RMSProp" chapter of Dive into Deep Learning (d2l.ai, section 12.8), run with FusedRMSprop.
+
+    python examples/d2l_rmsprop.py [--data airfoil_self_noise.dat] [--out examples/out]
+
+d2l writes the update with the leaky average `s` and eps inside the square root,
+
+    s <- gamma * s + (1 - gamma) * g**2
+    x <- x - eta * g / sqrt(s + eps)
+
+which is FusedRMSprop(lr=eta, alpha=gamma, eps=eps, eps_in_sqrt=True) (torch.optim.RMSprop puts
+eps outside the root). Each part prints what the chapter prints and writes a PNG:
+
+1. weights.png      the weight (1 - gamma) * gamma**t that s gives a gradient seen t steps ago,
+                    read off FusedRMSprop's own square_avg after a single unit gradient
+2. trajectory.png   f(x) = 0.1 x1^2 + 2 x2^2 from (-5, -2), eta 0.4, gamma 0.9, 20 steps
+                    (the chapter: "epoch 20, x1: -0.010599, x2: 0.000000")
+3. airfoil.png      linear regression on the airfoil data, the chapter's train_ch11 with d2l's
+                    from-scratch rmsprop and with FusedRMSprop, same seed and data order
+4. gamma_one.png    exercise 1: gamma = 1 (from d2l's s = 0, and from TF1's s = 1)
+   rotated.png      exercise 2: f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from rmsprop_fused import FusedRMSprop
+
+import airfoil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+D2L_EPS = 1e-6
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- 1. weights
+
+
+def past_gradient_weights(gammas: Sequence[float] = (0.95, 0.9, 0.8, 0.7), steps: int = 40) -> Dict[float, List[float]]:
+    """For each gamma, the weight s_t gives the gradient of t steps ago, t = 0..steps-1.
+
+    Measured, not computed: one parameter per gamma (one param group each) gets a gradient of 1
+    at the first step and 0 after, so FusedRMSprop's square_avg after step t+1 is exactly the
+    weight of that first gradient, (1 - gamma) * gamma**t."""
+    params = [torch.zeros(1, dtype=torch.float64, requires_grad=True) for _ in gammas]
+    optimizer = FusedRMSprop(
+        [{"params": [p], "alpha": gamma} for p, gamma in zip(params, gammas)],
+        lr=0.0, eps=D2L_EPS, eps_in_sqrt=True,  # lr 0: only the average matters here
+    )
+    weights: Dict[float, List[float]] = {gamma: [] for gamma in gammas}
+    for t in range(steps):
+        for p in params:
+            p.grad = torch.full_like(p, 1.0 if t == 0 else 0.0)
+        optimizer.step()
+        for p, gamma in zip(params, gammas):
+            weights[gamma].append(optimizer.state[p]["square_avg"].item())
+    return weights
+
+
+def plot_weights(weights: Dict[float, List[float]], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for gamma, w in weights.items():
+        ax.plot(range(len(w)), w, label=f"gamma = {gamma:.2f}")
+    ax.set_xlabel("time")
+    ax.set_ylabel("weight of the gradient t steps ago")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 2. 2D trajectories
+
+
+def f_2d(x: torch.Tensor) -> torch.Tensor:
+    return 0.1 * x[0] ** 2 + 2 * x[1] ** 2
+
+
+def f_rotated(x: torch.Tensor) -> torch.Tensor:
+    """Exercise 2. In the diagonal coordinates u = (x1 + x2) / sqrt(2), v = (x1 - x2) / sqrt(2)
+    this is 0.2 u^2 + 4 v^2: f_2d's 20:1 curvature ratio (both curvatures doubled), along the
+    diagonals instead of the axes."""
+    return 0.1 * (x[0] + x[1]) ** 2 + 2 * (x[0] - x[1]) ** 2
+
+
+def trajectory(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    start: Tuple[float, float] = (-5.0, -2.0),
+    eta: float = 0.4,
+    gamma: float = 0.9,
+    eps: float = D2L_EPS,
+    steps: int = 20,
+    initial_scale: float = 0.0,
+) -> List[Tuple[float, float]]:
+    """d2l's train_2d with FusedRMSprop: the start point and the point after each step. float64,
+    as d2l computes with Python floats; the gradient comes from autograd."""
+    x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    optimizer = FusedRMSprop([x], lr=eta, alpha=gamma, eps=eps, eps_in_sqrt=True, initial_scale=initial_scale)
+    points = [tuple(x.tolist())]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        f(x).backward()
+        optimizer.step()
+        points.append(tuple(x.tolist()))
+    return points
+
+
+def epoch_line(points: Sequence[Tuple[float, float]], spec: str = "f") -> str:
+    """What d2l's train_2d prints after the last step (`spec` "f" as d2l; "g" for huge values)."""
+    x1, x2 = points[-1]
+    return f"epoch {len(points) - 1}, x1: {x1:{spec}}, x2: {x2:{spec}}"
+
+
+def plot_trace_2d(f: Callable[[torch.Tensor], torch.Tensor], points: Sequence[Tuple[float, float]], path: str, title: str) -> None:
+    """d2l's show_trace_2d: the iterates over the contours of f, on d2l's grid widened to hold
+    every iterate."""
+    plt = _pyplot()
+    xs, ys = zip(*points)
+    x1, x2 = torch.meshgrid(
+        torch.arange(min(-5.5, min(xs) - 0.5), max(1.0, max(xs) + 0.5), 0.1, dtype=torch.float64),
+        torch.arange(min(-3.0, min(ys) - 0.5), max(1.0, max(ys) + 0.5), 0.1, dtype=torch.float64),
+        indexing="ij",
+    )
+    values = f(torch.stack([x1, x2]))
+    # Levels at quantiles of f over the grid rather than evenly spaced values: a narrow valley
+    # (the rotated problem's) then gets contours too, not only the steep corners.
+    levels = torch.quantile(values.flatten(), torch.linspace(0.02, 0.98, 10, dtype=torch.float64)).unique()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.contour(x1.numpy(), x2.numpy(), values.numpy(), levels=levels.numpy(), colors="#1f77b4")
+    ax.plot(*zip(*points), "-o", color="#ff7f0e")
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 3. airfoil
+
+
+@dataclass
+class AirfoilRun:
+    name: str
+    losses: List[Tuple[float, float]]  # (epoch, loss over the whole data set), every 200 examples
+    seconds_per_epoch: float
+    w: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1]
+
+
+def squared_loss(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (y_hat - y.reshape(y_hat.shape)) ** 2 / 2
+
+
+class ScratchRMSprop:
+    """d2l's from-scratch `rmsprop(params, states, hyperparams)` with its `init_rmsprop_states`,
+    wrapped as an object with the optimizer's step()."""
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, gamma: float, eps: float = D2L_EPS):
+        self.params, self.lr, self.gamma, self.eps = list(params), lr, gamma, eps
+        self.states = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, s in zip(self.params, self.states):
+            s[:] = self.gamma * s + (1 - self.gamma) * torch.square(p.grad)
+            p[:] -= self.lr * p.grad / torch.sqrt(s + self.eps)
+            p.grad.zero_()
+
+
+def train_airfoil(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: str,
+    *,
+    lr: float = 0.01,
+    gamma: float = 0.9,
+    batch_size: int = 10,
+    num_epochs: int = 2,
+    seed: int = 0,
+) -> AirfoilRun:
+    """d2l's train_ch11: linear regression w ~ N(0, 0.01) (5, 1), b = 0, squared loss, the
+    whole-data loss recorded every 200 examples. `optimizer` is "d2l" (the from-scratch update)
+    or "fused" (FusedRMSprop). The seed fixes w and every epoch's shuffle, so both optimizers see
+    the same init and the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.normal(0.0, 0.01, size=(X.shape[1], 1), generator=gen).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    if optimizer == "d2l":
+        opt = ScratchRMSprop([w, b], lr=lr, gamma=gamma)
+    elif optimizer == "fused":
+        opt = FusedRMSprop([w, b], lr=lr, alpha=gamma, eps=D2L_EPS, eps_in_sqrt=True)
+    else:
+        raise ValueError(f"optimizer must be 'd2l' or 'fused', not {optimizer!r}")
+
+    def net(features):
+        return features @ w + b
+
+    num_batches = math.ceil(len(X) / batch_size)
+    losses, n, seconds = [], 0, 0.0
+    for _ in range(num_epochs):
+        began = time.perf_counter()
+        for batch in torch.randperm(len(X), generator=gen).split(batch_size):
+            loss = squared_loss(net(X[batch]), y[batch]).mean()
+            loss.backward()
+            opt.step()
+            if optimizer == "fused":
+                opt.zero_grad()
+            n += len(batch)
+            if n % 200 == 0:
+                seconds += time.perf_counter() - began
+                with torch.no_grad():  # d2l's evaluate_loss: the mean loss over the whole data set
+                    losses.append((n / batch_size / num_batches, squared_loss(net(X), y).mean().item()))
+                began = time.perf_counter()
+        seconds += time.perf_counter() - began
+    return AirfoilRun(optimizer, losses, seconds / num_epochs, w.detach().clone(), b.detach().clone())
+
+
+def plot_airfoil(runs: Sequence[AirfoilRun], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for run, style in zip(runs, ("-", "--", ":")):
+        ax.plot(*zip(*run.losses), style, label=f"{run.name} (final {run.final_loss:.4f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_ylim(0.22, 0.35)  # d2l's axes
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 4. exercises
+
+
+def plot_gamma_one(runs: Dict[str, List[Tuple[float, float]]], path: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for (label, points), colour in zip(runs.items(), ("#d62728", "#2ca02c", "#1f77b4")):
+        distance = [max(math.hypot(*p), 1e-300) for p in points]
+        ax.semilogy(range(len(points)), distance, "-o", markersize=3, color=colour, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("distance to the minimum |x|")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="airfoil_self_noise.dat (default: ../shared/data beside the checkout, else downloaded)")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for the PNGs (default: examples/out)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    out = lambda name: os.path.join(args.out, name)  # noqa: E731
+
+    print("1. Weight that the leaky average gives the gradient of t steps ago, (1 - gamma) gamma^t:")
+    weights = past_gradient_weights()
+    for gamma, w in weights.items():
+        print(f"   gamma = {gamma:.2f}: t=0 {w[0]:.4f}, t=10 {w[10]:.4f}, t=39 {w[39]:.2e}, sum over 40 steps {sum(w):.4f}")
+    plot_weights(weights, out("weights.png"))
+
+    print("2. f(x) = 0.1 x1^2 + 2 x2^2 from (-5, -2), eta 0.4, gamma 0.9, eps 1e-6 inside the root:")
+    points = trajectory(f_2d)
+    print("   " + epoch_line(points))
+    plot_trace_2d(f_2d, points, out("trajectory.png"), "RMSProp, eta 0.4, gamma 0.9")
+
+    print("3. Airfoil linear regression, batch 10, lr 0.01, gamma 0.9, 2 epochs, same seed and data order:")
+    X, y = airfoil.load(args.data)
+    runs = [train_airfoil(X, y, name, seed=args.seed) for name in ("d2l", "fused")]
+    for run in runs:
+        print(f"   {run.name:<6} loss: {run.final_loss:.3f}, {run.seconds_per_epoch:.3f} sec/epoch")
+    gap = max(abs(a[1] - b[1]) for a, b in zip(runs[0].losses, runs[1].losses))
+    print(f"   largest difference between the two loss curves: {gap:.2e}")
+    plot_airfoil(runs, out("airfoil.png"))
+
+    print("4a. Exercise 1: gamma = 1.")
+    diverging = trajectory(f_2d, gamma=1.0)
+    ones_init = trajectory(f_2d, gamma=1.0, initial_scale=1.0)
+    print("   " + epoch_line(diverging, "g").replace(", x1", " (s starts at 0, as in d2l), x1"))
+    print("   With gamma = 1 the average never takes in a gradient: s keeps its initial value, so every step\n"
+          "   is plain gradient descent with learning rate eta / sqrt(s0 + eps). From d2l's s0 = 0 that is\n"
+          f"   0.4 / sqrt(1e-6) = 400: x1 is multiplied by 1 - 400 * 0.2 = -79 and x2 by 1 - 400 * 4 = -1599\n"
+          f"   each step, and |x| grows from 5.4 to {math.hypot(*diverging[-1]):.3g} in 20 steps.")
+    print(f"   {epoch_line(ones_init).replace(', x1', ' (s starts at 1, as in TF1), x1')}: gradient descent with lr 0.4,\n"
+          "   x2 oscillates (factor -0.6) and x1 crawls (factor 0.92): no per-coordinate scaling at all.")
+    plot_gamma_one({"gamma 1, s0 = 0 (d2l)": diverging, "gamma 1, s0 = 1 (TF1)": ones_init, "gamma 0.9, s0 = 0": points}, out("gamma_one.png"))
+
+    print("4b. Exercise 2: rotated problem f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2, same settings:")
+    rotated = trajectory(f_rotated)
+    x_end = torch.tensor(rotated[-1], dtype=torch.float64)
+    print(f"   {epoch_line(rotated)}, f = {f_rotated(x_end).item():.6f} "
+          f"(axis-aligned problem: f = {f_2d(torch.tensor(points[-1], dtype=torch.float64)).item():.6f})")
+    print("   RMSProp scales each coordinate by its own gradient history. On the axis-aligned problem that\n"
+          "   undoes the 20x curvature ratio; rotated, each coordinate mixes the steep and the flat direction,\n"
+          "   the scaling cannot separate them, and after dropping into the valley x1 = x2 the iterates\n"
+          "   creep along it: still far from the minimum after 20 steps.")
+    plot_trace_2d(f_rotated, rotated, out("rotated.png"), "rotated problem, eta 0.4, gamma 0.9")
+
+    print(f"figures in {os.path.abspath(args.out)}: weights.png trajectory.png airfoil.png gamma_one.png rotated.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
