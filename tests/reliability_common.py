@@ -23,6 +23,19 @@ LIST_NAMES = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers")
 STATE_LISTS = ("square_avgs", "grad_avgs", "momentum_buffers")
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """torch.set_num_threads(1) for one test. On a small machine shared with other jobs, waking the
+    OpenMP pool for every step or op costs milliseconds (the fused CPU op enters a parallel region
+    whenever a step has two tensors or more, however small: see the report), which would make
+    these suites minutes long. Per-element results do not depend on the thread count; the threaded
+    path is covered by tests/test_cpu_kernel.py and the slow property tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def unavailable(backend: str, device: str, dtype=None):
     return backends.unavailable_reason(backend, torch.device(device), dtype)
 

@@ -25,7 +25,9 @@ from torch import nn
 
 from rmsprop_fused import FusedRMSprop
 from common import OPTION_MATRIX, assert_close, clone_lists, make_lists, option_id, step
-from reliability_common import BACKEND_DEVICES, STATE_LISTS, Snapshot, require
+from reliability_common import BACKEND_DEVICES, STATE_LISTS, Snapshot, one_intra_op_thread, require  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # The options torch.optim.RMSprop has; eps_in_sqrt and lr_in_momentum have no torch counterpart.
 TORCH_OPTIONS = [

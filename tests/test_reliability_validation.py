@@ -28,7 +28,7 @@ import rmsprop_fused
 from rmsprop_fused import BackendUnavailableError, FusedRMSprop, InvalidInputError, SparseGradientError
 from rmsprop_fused.functional import rmsprop
 from common import make_lists
-from reliability_common import BACKEND_DEVICES, GPU, Snapshot, require
+from reliability_common import BACKEND_DEVICES, GPU, Snapshot, bits, require
 
 SHAPE = (4, 6)
 N = 3  # tensors per list; the bad one is always the last
@@ -178,6 +178,44 @@ def test_functional_refuses_invalid_hyperparameters_and_changes_nothing(backend,
     before.assert_unchanged(Snapshot.of_lists(lists))
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_functional_refuses_inference_tensors_and_changes_nothing(backend, device, request):
+    """A tensor created under torch.inference_mode() may not be updated in place outside it (torch
+    raises, and keeps no version counter for it). The check must come before the first write: the
+    reference backend raises from copy_ after updating the tensors before it, and the compiled
+    kernel writes through data pointers, so it does not raise at all."""
+    require(backend, device, torch.float32)
+    request.applymarker(pytest.mark.xfail(strict=True, reason=(
+        "check_param does not refuse inference tensors: the reference backend half-applies the step "
+        "then raises from copy_, the C++ kernel updates them silently (see the report)")))
+    lists = lists_2d(device)
+    with torch.inference_mode():
+        for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+            lists[key][BAD] = lists[key][BAD].clone()
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(InvalidInputError, match=re.escape(f"params[{BAD}]") + ".*inference"):
+        call(lists, backend)
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_integer_tensor_lr_works_on_every_backend(backend, device, dtype, request):
+    """The checks accept an integer tensor lr (torch.optim does too); then every backend must
+    take it, and give what the same float lr gives."""
+    require(backend, device, torch.float32)
+    if backend != "reference":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+            "functional._lr_for hands the integer tensor to the op, whose check_scalar_tensor "
+            "requires a floating-point lr_tensor (see the report)")))
+    with_int, with_float = lists_2d(device), lists_2d(device)
+    call(with_int, backend, lr=torch.tensor(1, dtype=dtype, device=device))
+    call(with_float, backend, lr=1.0)
+    for key in with_float:
+        for i, (a, b) in enumerate(zip(with_int[key], with_float[key])):
+            assert torch.equal(bits(a), bits(b)), f"{key}[{i}]"
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("defect", [
     "dtype", "shape", "strides", "gaps", "sparse-grad",
@@ -237,7 +275,6 @@ def refused_step_changes_nothing(opt, error, message):
     before.assert_optimizer_unchanged(opt)
 
 
-STATE_KEYS = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
 # (state key, defect) pairs that tests/test_errors.py already checks on CPU tensors
 COVERED_BY_TEST_ERRORS = {("square_avg", "meta-device"), ("momentum_buffer", "shape"), ("grad_avg", "dtype")}
 
@@ -378,12 +415,20 @@ def test_add_param_group_with_an_unavailable_backend_changes_nothing(backend, de
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_add_param_group_with_nan_lr_is_refused_at_the_step(backend, device):
+def test_add_param_group_with_nan_lr_is_refused_by_the_next_step_at_the_latest(backend, device):
+    """torch's add_param_group checks nothing; the step must then refuse the group before it
+    writes anything. (Refusing it in add_param_group already is better still.)"""
     require(backend, device, torch.float32)
     opt, _ = trained_optimizer(backend, device)
     e = nn.Parameter(torch.randn(7, device=device))
     e.grad = torch.randn_like(e)
-    opt.add_param_group({"params": [e], "lr": math.nan})
+    before = Snapshot.of_optimizer(opt)
+    try:
+        opt.add_param_group({"params": [e], "lr": math.nan})
+    except ValueError as error:
+        assert "Invalid learning rate: nan" in str(error)
+        before.assert_optimizer_unchanged(opt)
+        return
     refused_step_changes_nothing(opt, ValueError, "Invalid learning rate: nan")
     assert e not in opt.state
 
