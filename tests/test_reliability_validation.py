@@ -1,0 +1,513 @@
+"""Validation before mutation: a step that is refused changes nothing, on every backend.
+
+An optimizer step writes params and state in place. If it checks a tensor only when it reaches
+it, a bad tensor in the last group leaves the earlier groups stepped and the later ones not: a
+model that is silently half a step ahead of its optimizer state. So every test below puts the
+bad input LAST (the last index of the lists, the last param of the last group), so that an
+implementation that validates lazily has already written something when it fails, and then
+compares the bits of every param, grad and state tensor before and after (Snapshot: bitwise,
+so even a NaN payload or the sign of a zero must survive).
+
+Every error must name the param (list index at the functional level; "param group G, param I"
+in the optimizer) and the problem. tests/test_errors.py covers part of this matrix through
+FusedRMSprop on CPU tensors; these tests add the functional level, the remaining combinations,
+every backend and device, and the cases found missing (marked xfail(strict=True) with the
+diagnosis: they turn into failures, to be unmarked, the day the fix lands).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import rmsprop_fused
+from rmsprop_fused import BackendUnavailableError, FusedRMSprop, InvalidInputError, SparseGradientError
+from rmsprop_fused.functional import rmsprop
+from common import make_lists
+from reliability_common import BACKEND_DEVICES, GPU, Snapshot, bits, require
+
+SHAPE = (4, 6)
+N = 3  # tensors per list; the bad one is always the last
+BAD = N - 1
+
+
+def lists_2d(device, dtype=torch.float32, seed=0):
+    """N tensors of SHAPE per list, with the full state of a centered, momentum step."""
+    flat = make_lists([SHAPE[0] * SHAPE[1]] * N, dtype, device, centered=True, momentum=0.9, seed=seed)
+    return {k: [t.view(SHAPE) for t in v] for k, v in flat.items()}
+
+
+def call(lists, backend, **options):
+    options = {"centered": True, "momentum": 0.9, **options}
+    rmsprop(lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
+            backend=backend, **options)
+
+
+def other_device(device):
+    return "cpu" if device != "cpu" else ("cuda" if GPU else None)
+
+
+# ---------------------------------------------------------------------------------- functional
+
+# A companion (grad or state tensor) that does not match its param. `make` receives the good tensor.
+COMPANION_DEFECTS = {
+    "meta-device": (lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), r"on meta but the param is"),
+    "other-device": (lambda t: t.to(other_device(str(t.device.type))), r"on (cpu|cuda\S*) but the param is"),
+    "dtype": (lambda t: t.to(torch.float64 if t.dtype != torch.float64 else torch.float32), r"is float(64|32) \(4, 6\)"),
+    # Same number of elements, different shape: a check on numel alone would let it through.
+    "shape": (lambda t: t.reshape(SHAPE[::-1]).clone(), r"is float32 \(6, 4\)"),
+    # Same shape and values, transposed memory: element i of the param is not element i of this.
+    "strides": (lambda t: t.t().contiguous().t(), r"has strides \(1, 4\) but the param has strides \(6, 1\)"),
+}
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("target", ["grads", "square_avgs", "grad_avgs", "momentum_buffers"])
+@pytest.mark.parametrize("defect", COMPANION_DEFECTS)
+def test_functional_refuses_a_mismatched_companion_and_changes_nothing(backend, device, target, defect):
+    require(backend, device, torch.float32)
+    make, message = COMPANION_DEFECTS[defect]
+    if defect == "other-device" and other_device(device) is None:
+        pytest.skip("needs a second device type (a GPU)")
+    lists = lists_2d(device)
+    lists[target][BAD] = make(lists[target][BAD])
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(InvalidInputError, match=re.escape(f"{target}[{BAD}]") + ".*" + message) as info:
+        call(lists, backend)
+    assert info.value.index == BAD
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+def _all_at_bad(lists, make):
+    for key in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers"):
+        lists[key][BAD] = make(lists[key][BAD])
+
+
+# The param itself is unusable. Where the layout is the problem, grad and state get the same
+# layout, so that the companion check passes and the param's own check is what must refuse it.
+PARAM_DEFECTS = {
+    # a view with gaps: every other column of a (4, 12) tensor
+    "gaps": (lambda t: torch.zeros(4, 12, dtype=t.dtype, device=t.device)[:, ::2].copy_(t), InvalidInputError,
+             r"params\[2\] is not dense \(shape \(4, 6\), strides \(12, 2\)\)"),
+    # internally overlapping: four rows that are one row in memory (an update would apply 4 times)
+    "overlap": (lambda t: t[:1].clone().expand(SHAPE), InvalidInputError,
+                r"params\[2\] is not dense \(shape \(4, 6\), strides \(0, 1\)\)"),
+    "meta": (lambda t: torch.empty(SHAPE, dtype=t.dtype, device="meta"), InvalidInputError,
+             r"params\[2\] is on the meta device"),
+}
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("defect", PARAM_DEFECTS)
+def test_functional_refuses_an_unusable_param_and_changes_nothing(backend, device, defect):
+    require(backend, device, torch.float32)
+    make, error, message = PARAM_DEFECTS[defect]
+    lists = lists_2d(device)
+    _all_at_bad(lists, make)
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(error, match=message):
+        call(lists, backend)
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("defect, message", [
+    ("sparse-grad", r"RMSprop does not support sparse gradients \(grads\[2\] has layout torch.sparse_coo\)"),
+    ("sparse-param", r"params\[2\] has layout torch.sparse_coo; only strided params are supported"),
+    ("integer-param", r"params\[2\] has dtype torch.int64; RMSprop updates floating-point params"),
+    # [p.grad for p in params] with a param that got no gradient this step
+    ("missing-grad", r"grads\[2\] is a NoneType, not a tensor"),
+])
+def test_functional_refuses_other_bad_tensors_and_changes_nothing(backend, device, defect, message):
+    require(backend, device, torch.float32)
+    lists = lists_2d(device)
+    if defect == "sparse-grad":
+        lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
+    elif defect == "sparse-param":
+        _all_at_bad(lists, lambda t: t.to_sparse())
+    elif defect == "integer-param":
+        _all_at_bad(lists, lambda t: t.round().long())
+    else:
+        lists["grads"][BAD] = None
+    before = Snapshot.of_lists(lists)
+    expected = SparseGradientError if defect == "sparse-grad" else InvalidInputError
+    with pytest.raises(expected, match=message):
+        call(lists, backend)
+    if defect == "sparse-grad":  # torch.optim.RMSprop raises a RuntimeError here: so must we
+        with pytest.raises(RuntimeError):
+            call(lists, backend)
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+TENSOR_LR_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="a tensor lr's value is never checked after construction (check_tensor_lr=False in "
+    "functional.rmsprop and FusedRMSprop._gather); for a CPU tensor reading it costs no device "
+    "sync, so NaN or negative values could be refused like a float lr (see the report)",
+)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("name, value, message", [
+    ("lr", math.nan, "Invalid learning rate: nan"),
+    ("lr", -1e-3, "Invalid learning rate: -0.001"),
+    ("alpha", math.nan, "Invalid alpha value: nan"),
+    ("alpha", -0.5, "Invalid alpha value: -0.5"),
+    ("eps", math.nan, "Invalid epsilon value: nan"),
+    ("eps", -1e-8, "Invalid epsilon value: -1e-08"),
+    ("weight_decay", math.nan, "Invalid weight_decay value: nan"),
+    ("weight_decay", -0.1, "Invalid weight_decay value: -0.1"),
+    ("momentum", math.nan, "Invalid momentum value: nan"),
+    ("momentum", -0.9, "Invalid momentum value: -0.9"),
+    ("lr", torch.tensor([1e-3, 1e-3]), "Tensor lr must be 1-element"),
+    ("grad_scale", torch.tensor([1.0, 2.0]), "grad_scale must be a 1-element floating-point tensor"),
+    ("found_inf", torch.tensor(1), "found_inf must be a 1-element floating-point tensor"),
+    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-nan"),
+    pytest.param("lr", torch.tensor(-1e-3), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-negative"),
+])
+def test_functional_refuses_invalid_hyperparameters_and_changes_nothing(backend, device, name, value, message):
+    require(backend, device, torch.float32)
+    lists = lists_2d(device)
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(lists, backend, **{name: value})
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_functional_refuses_inference_tensors_and_changes_nothing(backend, device, request):
+    """A tensor created under torch.inference_mode() may not be updated in place outside it (torch
+    raises, and keeps no version counter for it). The check must come before the first write: the
+    reference backend raises from copy_ after updating the tensors before it, and the compiled
+    kernel writes through data pointers, so it does not raise at all."""
+    require(backend, device, torch.float32)
+    request.applymarker(pytest.mark.xfail(strict=True, reason=(
+        "check_param does not refuse inference tensors: the reference backend half-applies the step "
+        "then raises from copy_, the C++ kernel updates them silently (see the report)")))
+    lists = lists_2d(device)
+    with torch.inference_mode():
+        for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+            lists[key][BAD] = lists[key][BAD].clone()
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(InvalidInputError, match=re.escape(f"params[{BAD}]") + ".*inference"):
+        call(lists, backend)
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_integer_tensor_lr_works_on_every_backend(backend, device, dtype, request):
+    """The checks accept an integer tensor lr (torch.optim does too); then every backend must
+    take it, and give what the same float lr gives."""
+    require(backend, device, torch.float32)
+    if backend != "reference":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+            "functional._lr_for hands the integer tensor to the op, whose check_scalar_tensor "
+            "requires a floating-point lr_tensor (see the report)")))
+    with_int, with_float = lists_2d(device), lists_2d(device)
+    call(with_int, backend, lr=torch.tensor(1, dtype=dtype, device=device))
+    call(with_float, backend, lr=1.0)
+    for key in with_float:
+        for i, (a, b) in enumerate(zip(with_int[key], with_float[key])):
+            assert torch.equal(bits(a), bits(b)), f"{key}[{i}]"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("defect", [
+    "dtype", "shape", "strides", "gaps", "sparse-grad",
+    # The Meta dispatch key outranks CPU and CUDA: one meta tensor among real ones sends the call
+    # to the fake implementation registered in _extension.py, which returns without a word.
+    pytest.param("meta-device", marks=pytest.mark.xfail(strict=True, reason=(
+        "a meta tensor in any list dispatches the whole call to the fake (Meta) kernel, which "
+        "does nothing: no error and no update (see the report)"))),
+])
+def test_compiled_op_checks_everything_before_writing(backend, defect):
+    """The C++ op is a public entry too (torch.ops.rmsprop_fused.rmsprop_, torch.compile calls it
+    directly): it repeats the checks itself, and must also refuse before its first write."""
+    device = backend
+    require(backend, device, torch.float32)
+    lists = lists_2d(device)
+    if defect in COMPANION_DEFECTS:
+        lists["momentum_buffers"][BAD] = COMPANION_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
+        where = f"momentum_buffers[{BAD}]"
+    elif defect == "gaps":
+        _all_at_bad(lists, PARAM_DEFECTS["gaps"][0])
+        where = f"params[{BAD}]"
+    else:
+        lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
+        where = None  # the dispatcher refuses it first ("Could not run ... 'SparseCPU' backend")
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(RuntimeError, match=re.escape(where) if where else "Sparse"):
+        torch.ops.rmsprop_fused.rmsprop_(
+            lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
+            lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False,
+            eps_in_sqrt=False, lr_in_momentum=False,
+        )
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+
+def trained_optimizer(backend, device, **options):
+    """Two groups of two params; one step taken so that every state tensor exists; fresh grads.
+    The param a test spoils is the last one: group 1, param 1."""
+    torch.manual_seed(0)
+    a, b, c, d = (nn.Parameter(torch.randn(s, device=device)) for s in ((3, 2), (5,), (2, 3), SHAPE))
+    options = {"momentum": 0.9, "centered": True, **options}
+    opt = FusedRMSprop([{"params": [a, b]}, {"params": [c, d], "lr": 0.1}], backend=backend, **options)
+    for p in (a, b, c, d):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in (a, b, c, d):
+        p.grad = torch.randn_like(p)
+    return opt, (a, b, c, d)
+
+
+def refused_step_changes_nothing(opt, error, message):
+    before = Snapshot.of_optimizer(opt)
+    with pytest.raises(error, match=message):
+        opt.step()
+    before.assert_optimizer_unchanged(opt)
+
+
+# (state key, defect) pairs that tests/test_errors.py already checks on CPU tensors
+COVERED_BY_TEST_ERRORS = {("square_avg", "meta-device"), ("momentum_buffer", "shape"), ("grad_avg", "dtype")}
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("key", ["square_avg", "grad_avg", "momentum_buffer"])
+@pytest.mark.parametrize("defect", COMPANION_DEFECTS)
+def test_optimizer_refuses_mismatched_state_and_changes_nothing(backend, device, key, defect):
+    require(backend, device, torch.float32)
+    if device == "cpu" and (key, defect) in COVERED_BY_TEST_ERRORS:
+        pytest.skip("covered by tests/test_errors.py")
+    if defect == "other-device" and other_device(device) is None:
+        pytest.skip("needs a second device type (a GPU)")
+    opt, (a, b, c, d) = trained_optimizer(backend, device)
+    make, message = COMPANION_DEFECTS[defect]
+    opt.state[d][key] = make(opt.state[d][key])
+    refused_step_changes_nothing(opt, InvalidInputError, re.escape(f"param group 1, param 1: state['{key}']") + ".*" + message)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[1] != "cpu"])
+@pytest.mark.parametrize("defect", ["dtype", "shape", "strides", "sparse"])
+def test_optimizer_refuses_a_bad_grad_on_other_devices(backend, device, defect):
+    """tests/test_errors.py checks these on CPU tensors; the same on every other device. (A grad
+    on another device cannot be attached to a param at all: autograd's .grad setter refuses it.)"""
+    require(backend, device, torch.float32)
+    opt, (a, b, c, d) = trained_optimizer(backend, device)
+    if defect == "sparse":
+        d.grad = d.grad.to_sparse()
+        error, message = SparseGradientError, "param group 1, param 1: RMSprop does not support sparse gradients"
+    else:
+        bad = COMPANION_DEFECTS[defect][0](d.grad)
+        if defect == "strides":
+            d.grad = bad
+        else:  # the .grad setter refuses these; code that swaps .data still produces them
+            d.grad.data = bad
+        error, message = InvalidInputError, "param group 1, param 1: grad"
+    refused_step_changes_nothing(opt, error, message)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("defect", ["gaps", "overlap"])
+def test_optimizer_refuses_a_non_dense_param_on_every_backend(backend, device, defect):
+    """tests/test_errors.py checks this with backend="auto" and a single param; here every backend,
+    after a step (state exists for the other params) and with the bad param last."""
+    require(backend, device, torch.float32)
+    opt, (a, b, c, d) = trained_optimizer(backend, device)
+    make = PARAM_DEFECTS[defect][0]
+    bad = nn.Parameter(make(d.detach()))
+    bad.grad = make(d.grad)  # same layout as the param, so density is what fails
+    opt.param_groups[1]["params"][1] = bad
+    opt.state.pop(d)
+    refused_step_changes_nothing(opt, InvalidInputError, "param group 1, param 1: param is not dense")
+    assert bad not in opt.state
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_optimizer_refuses_a_meta_param_naming_it(backend, device, request):
+    """A model that was not fully materialised (e.g. one param left on meta after to_empty on a
+    sub-module). With backend="auto" or "reference" the step refuses it by name. With an explicit
+    kernel backend the constructor refuses it first, but without saying which param."""
+    require(backend, device, torch.float32)
+    if backend != "reference":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, raises=AssertionError,
+            reason="FusedRMSprop.__init__ calls backends.select(...) per param without naming the "
+            "param: 'backend=...cannot update float32 tensors on meta' (see the report)"))
+    torch.manual_seed(1)
+    a = nn.Parameter(torch.randn(3, device=device))
+    meta = nn.Parameter(torch.empty(SHAPE, device="meta"))
+    a.grad, meta.grad = torch.randn_like(a), torch.empty(SHAPE, device="meta")
+    before_a = a.detach().clone()
+    try:
+        opt = FusedRMSprop([{"params": [a]}, {"params": [meta]}], backend=backend)
+        opt.step()
+    except (InvalidInputError, BackendUnavailableError) as e:
+        assert "meta" in str(e)
+        assert "param group 1, param 0" in str(e), f"the error does not name the param: {e}"
+    else:
+        pytest.fail("a meta param was accepted")
+    assert torch.equal(a.detach(), before_a)
+
+
+UNAVAILABLE_BACKEND_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="FusedRMSprop.step resolves each group's backend inside apply_checked, group by group, "
+    "after the earlier groups were stepped (and after _init_state ran for every group): an "
+    "unavailable backend in a later group leaves a half-applied step (see the report)",
+)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", math.nan, "Invalid learning rate: nan"),
+    ("alpha", math.nan, "Invalid alpha value: nan"),
+    ("alpha", -0.5, "Invalid alpha value: -0.5"),
+    ("eps", -1e-8, "Invalid epsilon value"),
+    ("weight_decay", math.nan, "Invalid weight_decay value: nan"),
+    ("weight_decay", -0.1, "Invalid weight_decay value: -0.1"),
+    ("momentum", math.nan, "Invalid momentum value: nan"),
+    ("initial_scale", -1.0, "Invalid initial_scale value: -1.0"),
+    ("initial_scale", math.inf, "Invalid initial_scale value: inf"),
+    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-nan"),
+    pytest.param("lr", torch.tensor(-0.1), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-negative"),
+    # A valid name, but a backend that cannot update this group's tensors here.
+    pytest.param("backend", "unavailable", "cannot update", marks=UNAVAILABLE_BACKEND_XFAIL, id="backend-unavailable"),
+])
+def test_a_group_changed_after_construction_refuses_the_whole_step(backend, device, key, value, message):
+    """tests/test_errors.py covers lr=-0.5, eps=NaN, momentum=-1 and an invalid backend name; these
+    are the other NaN/negative values, tensor lrs and a valid-but-unavailable backend."""
+    require(backend, device, torch.float32)
+    opt, _ = trained_optimizer(backend, device)
+    if value == "unavailable":
+        value = "cuda" if device == "cpu" else "cpu"
+        exception = BackendUnavailableError
+    else:
+        exception = ValueError
+    opt.param_groups[1][key] = value  # the LAST group is bad: the first must not be stepped either
+    refused_step_changes_nothing(opt, exception, re.escape(message))
+
+
+@UNAVAILABLE_BACKEND_XFAIL
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_add_param_group_with_an_unavailable_backend_changes_nothing(backend, device):
+    """The constructor refuses an unavailable backend up front; add_param_group is not overridden,
+    so a group added later is only found out at the step, after the earlier groups moved."""
+    require(backend, device, torch.float32)
+    opt, _ = trained_optimizer(backend, device)
+    e = nn.Parameter(torch.randn(7, device=device))
+    e.grad = torch.randn_like(e)
+    before = Snapshot.of_optimizer(opt)
+    try:
+        opt.add_param_group({"params": [e], "backend": "cuda" if device == "cpu" else "cpu"})
+    except BackendUnavailableError:  # refused up front (the constructor's behaviour): fine too
+        before.assert_optimizer_unchanged(opt)
+        return
+    refused_step_changes_nothing(opt, BackendUnavailableError, "cannot update")
+    assert e not in opt.state
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_add_param_group_with_nan_lr_is_refused_by_the_next_step_at_the_latest(backend, device):
+    """torch's add_param_group checks nothing; the step must then refuse the group before it
+    writes anything. (Refusing it in add_param_group already is better still.)"""
+    require(backend, device, torch.float32)
+    opt, _ = trained_optimizer(backend, device)
+    e = nn.Parameter(torch.randn(7, device=device))
+    e.grad = torch.randn_like(e)
+    before = Snapshot.of_optimizer(opt)
+    try:
+        opt.add_param_group({"params": [e], "lr": math.nan})
+    except ValueError as error:
+        assert "Invalid learning rate: nan" in str(error)
+        before.assert_optimizer_unchanged(opt)
+        return
+    refused_step_changes_nothing(opt, ValueError, "Invalid learning rate: nan")
+    assert e not in opt.state
+
+
+# ---------------------------------------------------------------------------------- state_dict
+
+
+def other_optimizers_state_dict(kind, params):
+    a, b, c, d = params
+    groups = [{"params": [a, b]}, {"params": [c, d]}]
+    if kind == "sgd-momentum":
+        other = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    else:
+        other = torch.optim.Adam(groups)
+    if kind != "adam-never-stepped":
+        other.step()  # moves the shared params too; the snapshot is taken afterwards
+    return other.state_dict()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("kind", [
+    # SGD's state key is "momentum_buffer", which RMSprop also uses: the key check lets it in. Its
+    # groups lack alpha, eps and centered; the next step then fails with KeyError: 'alpha'.
+    pytest.param("sgd-momentum", marks=pytest.mark.xfail(strict=True, reason=(
+        "_check_loaded_state checks only state keys and shapes: an SGD(momentum) state_dict has only "
+        "'momentum_buffer' (an RMSprop key) and groups without alpha/eps/centered; it is loaded, "
+        "and the next step dies with KeyError: 'alpha' (see the report)"))),
+    # Adam before its first step has no state at all, only groups without alpha: same outcome.
+    pytest.param("adam-never-stepped", marks=pytest.mark.xfail(strict=True, reason=(
+        "an Adam state_dict with empty state passes _check_loaded_state (no state keys to check); its "
+        "groups have no alpha, and the next step dies with KeyError: 'alpha' (see the report)"))),
+])
+def test_another_optimizers_state_dict_is_refused_and_changes_nothing(backend, device, kind):
+    """tests/test_errors.py covers an Adam state_dict after a step (refused by its state keys)."""
+    require(backend, device, torch.float32)
+    opt, params = trained_optimizer(backend, device)
+    saved = other_optimizers_state_dict(kind, params)
+    before = Snapshot.of_optimizer(opt)
+    with pytest.raises(ValueError, match=r"param group 0.*(another optimizer|not RMSprop)"):
+        opt.load_state_dict(saved)
+    before.assert_optimizer_unchanged(opt)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("key, bad, message", [
+    ("grad_avg", lambda t: torch.zeros(t.numel() + 1, device=t.device), r"state 'grad_avg' has shape \(25,\)"),
+    ("momentum_buffer", lambda t: t.reshape(SHAPE[::-1]).clone(), r"state 'momentum_buffer' has shape \(6, 4\)"),
+    ("square_avg", lambda t: t.long(), r"state 'square_avg' has dtype torch.int64"),
+    ("momentum_buffer", lambda t: t.tolist(), r"state 'momentum_buffer' has shape list"),
+])
+def test_state_dict_with_wrong_state_tensors_is_refused(backend, device, key, bad, message):
+    """tests/test_errors.py covers a square_avg of the wrong shape; here the other keys, a state
+    tensor of an integer dtype, and a state value that is not a tensor."""
+    require(backend, device, torch.float32)
+    opt, params = trained_optimizer(backend, device)
+    saved = opt.state_dict()
+    saved["state"][3][key] = bad(saved["state"][3][key])  # id 3: group 1, param 1
+    before = Snapshot.of_optimizer(opt)
+    with pytest.raises(ValueError, match="param group 1, param 1: " + message):
+        opt.load_state_dict(saved)
+    before.assert_optimizer_unchanged(opt)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_state_dict_for_params_this_optimizer_does_not_have_is_refused(backend, device):
+    require(backend, device, torch.float32)
+    opt, params = trained_optimizer(backend, device)
+    saved = opt.state_dict()
+    saved["state"][17] = saved["state"][0]
+    before = Snapshot.of_optimizer(opt)
+    with pytest.raises(ValueError, match="state for param id 17, which no param group lists"):
+        opt.load_state_dict(saved)
+    before.assert_optimizer_unchanged(opt)
+
+
+def test_rmsprop_fused_exports_the_errors_these_tests_expect():
+    """The exception types are part of the contract: ValueError and RuntimeError subclasses, as
+    torch.optim raises, so existing `except ValueError` code keeps working."""
+    assert issubclass(rmsprop_fused.InvalidInputError, ValueError)
+    assert issubclass(rmsprop_fused.SparseGradientError, RuntimeError)
+    assert issubclass(rmsprop_fused.SparseGradientError, ValueError)
+    assert issubclass(rmsprop_fused.BackendUnavailableError, RuntimeError)
