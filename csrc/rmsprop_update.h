@@ -103,7 +103,13 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     // grad_avg.lerp_(g, 1 - alpha), with torch's two-sided formula
     grad_avg = select(s.lerp_weight_small, grad_avg + s.one_minus_alpha * (g - grad_avg),
                       g - (g - grad_avg) * s.lerp_one_minus_w);
-    var = square_avg - grad_avg * grad_avg;  // square_avg.addcmul(grad_avg, grad_avg, value=-1)
+    // square_avg.addcmul(grad_avg, grad_avg, value=-1). torch computes it as one fused
+    // multiply-add (its AVX2/AVX-512 and CUDA kernels), so +inf - m*m stays +inf for a finite m
+    // even where m*m overflows; two roundings would give inf - inf = NaN. Finite results are the
+    // same either way.
+    const T inf = static_cast<T>(INFINITY);
+    const bool finite_grad_avg = grad_avg < inf && grad_avg > -inf;  // false for NaN too
+    var = (square_avg == inf && finite_grad_avg) ? square_avg : square_avg - grad_avg * grad_avg;
   }
   const T denom = square_root(var + s.eps_inside_root) + s.eps_outside_root;
 

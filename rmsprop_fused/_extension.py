@@ -10,8 +10,10 @@ warning is issued; backend="auto" falls back to Triton, then to the reference.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
+import struct
 import warnings
 from typing import Optional
 
@@ -41,12 +43,21 @@ def _load() -> None:
     except (OSError, ValueError) as e:
         load_error = f"cannot read {path}: {e}; {_REBUILD}"
         return
+    if not isinstance(build_info, dict):
+        load_error = f"{path} holds a {type(build_info).__name__}, not the object setup.py writes; {_REBUILD}"
+        build_info = None
+        return
     built_for = build_info.get("torch_version")
     if built_for != torch.__version__:
         load_error = (
             f"the C++ extension was built against torch {built_for} but torch {torch.__version__} "
             f"is installed (the C++ ABI differs between releases): {_REBUILD}"
         )
+        return
+    spec = importlib.util.find_spec("rmsprop_fused._C")
+    truncated = _truncated_elf(spec.origin) if spec is not None and spec.origin else None
+    if truncated is not None:
+        load_error = f"the C++ extension is damaged: {truncated}; {_REBUILD}"
         return
     try:
         importlib.import_module("rmsprop_fused._C")
@@ -55,6 +66,45 @@ def _load() -> None:
         return
     if not hasattr(torch.ops.rmsprop_fused, "rmsprop_"):
         load_error = f"the C++ extension loaded but registered no op rmsprop_fused::rmsprop_: {_REBUILD}"
+
+
+# ELF layout, by class (32 or 64 bit): the format of an address, where the program header table's
+# offset and its entries' size and count sit in the file header, and where p_offset and p_filesz
+# sit in a program header.
+_ELF_FIELDS = {1: ("I", 28, 42, 4, 16), 2: ("Q", 32, 54, 8, 32)}
+_PT_LOAD = 1
+
+
+def _truncated_elf(path: str) -> Optional[str]:
+    """Why the ELF shared object at `path` cannot be mapped whole, or None (also for files that are
+    not ELF: the loader judges those). dlopen maps each PT_LOAD segment from the file; a segment
+    that runs past the end of a truncated file (an interrupted copy, a full disk) is mapped anyway,
+    and the process dies of SIGBUS when the loader touches it, which no `except` can catch."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header = f.read(64)
+            if len(header) < 52 or header[:4] != b"\x7fELF" or header[4] not in _ELF_FIELDS:
+                return None
+            order = "<" if header[5] == 1 else ">"
+            word, phoff_at, sizes_at, offset_at, filesz_at = _ELF_FIELDS[header[4]]
+            (phoff,) = struct.unpack_from(order + word, header, phoff_at)
+            entry_size, count = struct.unpack_from(order + "HH", header, sizes_at)
+            if phoff + entry_size * count > size:
+                return f"{path} is truncated ({size} bytes; its program headers end at byte {phoff + entry_size * count})"
+            f.seek(phoff)
+            table = f.read(entry_size * count)
+    except OSError as e:
+        return f"cannot read {path}: {e}"
+    for i in range(count):
+        entry = table[i * entry_size:(i + 1) * entry_size]
+        if struct.unpack_from(order + "I", entry, 0)[0] != _PT_LOAD:
+            continue
+        (offset,) = struct.unpack_from(order + word, entry, offset_at)
+        (filesz,) = struct.unpack_from(order + word, entry, filesz_at)
+        if offset + filesz > size:
+            return f"{path} is truncated ({size} bytes; a loadable segment ends at byte {offset + filesz})"
+    return None
 
 
 _load()
@@ -127,4 +177,13 @@ if load_error is None:
     def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps,
                       weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
                       lr_tensor=None, grad_scale=None, found_inf=None):
+        # The Meta key outranks CPU and CUDA: a call that mixes meta tensors with real ones lands
+        # here, and must fail as the real kernels would, not return having updated nothing.
+        device = params[0].device if params else None
+        lists = {"params": params, "grads": grads, "square_avgs": square_avgs,
+                 "grad_avgs": grad_avgs, "momentum_buffers": momentum_buffers}
+        for name, tensors in lists.items():
+            for i, t in enumerate(tensors):
+                torch._check(t.device == device,
+                             lambda: f"rmsprop_fused: {name}[{i}] is on {t.device} but params[0] is on {device}")
         return None

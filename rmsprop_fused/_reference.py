@@ -60,7 +60,9 @@ def rmsprop_reference(
                 m = m + lerp_weight * (g - m)
             else:
                 m = g - (g - m) * lerp_one_minus_weight
-            var = v - m * m
+            # +inf - m*m stays +inf for a finite m even where m*m overflows, as in torch (whose
+            # CPU and CUDA addcmul compute it as one fused multiply-add); see rmsprop_update.h
+            var = torch.where(torch.isposinf(v) & torch.isfinite(m), v, v - m * m)
         denom = (var + eps).sqrt() if eps_in_sqrt else var.sqrt() + eps
 
         if momentum > 0:
@@ -84,5 +86,7 @@ def rmsprop_reference(
             updates.append((momentum_buffers[i], b))
         for target, value in updates:
             if skip is not None:
-                value = torch.where(skip, target.to(opmath), value)
+                # select in the storage dtype, so that a skipped tensor keeps its exact bits (a
+                # bfloat16 NaN taken through float32 and back can come out as another NaN)
+                value = torch.where(skip, target, value.to(target.dtype))
             target.copy_(value)

@@ -175,7 +175,10 @@ if triton is not None:
                 m = m + one_minus_alpha * (g - m)
             else:
                 m = g - (g - m) * lerp_one_minus_w
-            var = v - m * m  # square_avg.addcmul(grad_avg, grad_avg, value=-1)
+            # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a finite m
+            # even where m*m overflows, as torch's fused multiply-add gives (rmsprop_update.h)
+            finite_m = (m < float("inf")) & (m > float("-inf"))
+            var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
         denom = tl.math.sqrt_rn(var + eps_inside_root) + eps_outside_root
 
         if MOMENTUM:

@@ -44,13 +44,15 @@ _DTensor = _dtensor_type() if torch.distributed.is_available() else None
 
 def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_scale=0.0, check_tensor_lr=False):
     """torch.optim.RMSprop's checks and messages (NaN fails them too: `not 0.0 <= nan`).
-    A tensor lr's value is read (a host sync) only when check_tensor_lr is set."""
+    A tensor lr's value is checked when it is on the CPU (reading it costs no device sync) or
+    when check_tensor_lr is set (a host sync for a device tensor)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not lr.is_floating_point():
             raise ValueError(f"Tensor lr must be a floating-point tensor, got dtype {lr.dtype}")
-        if check_tensor_lr and not 0.0 <= lr:
+        readable = check_tensor_lr or (lr.device.type == "cpu" and not torch.compiler.is_compiling())
+        if readable and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
     elif not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
@@ -106,6 +108,8 @@ def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool,
         if name == "grads":
             raise SparseGradientError(index, f"RMSprop does not support sparse gradients ({label} has layout {t.layout})")
         raise InvalidInputError(index, f"{label} has layout {t.layout}; state must be strided like its param")
+    if as_state:
+        _check_writable(index, label, t)
     if t.device != param.device or t.dtype != param.dtype or t.shape != param.shape:
         kind = "state tensor" if as_state else "gradient"
         raise InvalidInputError(index, f"{label} ({kind}) is {_describe(t)} but the param is {_describe(param)}")
@@ -113,6 +117,20 @@ def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool,
         raise InvalidInputError(
             index, f"{label} has strides {t.stride()} but the param has strides {param.stride()} "
             "(the fused update walks param, grad and state in the same memory order)"
+        )
+
+
+def _check_writable(index: int, label: str, t: Tensor) -> None:
+    """torch refuses in-place updates of inference tensors outside inference mode; the compiled
+    kernels write through data pointers and would not, so they are refused here, before any write.
+    (Not while torch.compile traces: Dynamo cannot trace is_inference(), and compiled code runs
+    on the tensors the trace was guarded on.)"""
+    if torch.compiler.is_compiling():
+        return
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise InvalidInputError(
+            index, f"{label} is an inference tensor (created under torch.inference_mode()), which cannot "
+            "be updated in place outside inference mode; clone it first"
         )
 
 
@@ -134,6 +152,7 @@ def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentu
         raise InvalidInputError(index, f"{name} has layout {param.layout}; only strided params are supported")
     if not (param.is_floating_point() or param.is_complex()):
         raise InvalidInputError(index, f"{name} has dtype {param.dtype}; RMSprop updates floating-point params")
+    _check_writable(index, name, param)
     _check_companion(index, "grads", param, grad, as_state=False, where=where)
     if not _is_dense(param):
         raise InvalidInputError(

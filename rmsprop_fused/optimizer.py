@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import backends
+from .errors import BackendUnavailableError
 from .functional import STATE_NAMES, apply_checked, check_hyperparameters, check_param
 
 __all__ = ["FusedRMSprop"]
@@ -105,13 +106,22 @@ class FusedRMSprop(Optimizer):
             differentiable=False, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
             lr_in_momentum=lr_in_momentum, backend=backend,
         )
-        super().__init__(params, defaults)
-        for group in self.param_groups:
+        super().__init__(params, defaults)  # each group is checked by add_param_group
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then the constructor's checks: the group's hyperparameters and,
+        for an explicit backend, that it can update every param (now, not at the first step). A
+        refused group is not added."""
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        try:
             self._check_group(group, check_tensor_lr=True)
-            # An explicitly requested backend that cannot run here fails now, not at the first step.
-            if group["backend"] != "auto":
-                for p in group["params"]:
-                    backends.select(group["backend"], p.device, _real_dtype(p.dtype))
+            for index, p in enumerate(group["params"]):
+                _check_backend_runs(group, group_index, index, p)
+        except Exception:
+            del self.param_groups[group_index]
+            raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -161,6 +171,7 @@ class FusedRMSprop(Optimizer):
             if group["momentum"] <= 0:
                 states[2] = None
             check_param(index, p, p.grad, *states, where=f"param group {group_index}, param {index}")
+            _check_backend_runs(group, group_index, index, p)  # the group's backend may have changed
             gathered.append((p, state))
         return gathered
 
@@ -255,6 +266,17 @@ def _count_step(steps: list, found_inf: Optional[Tensor]) -> None:
             torch._foreach_add_(group, [increment] * len(group))
 
 
+def _check_backend_runs(group: dict, group_index: int, index: int, p: Tensor) -> None:
+    """Raises BackendUnavailableError naming the param when the group's explicit backend cannot
+    update it (backends.select is cached: a dict lookup)."""
+    if group["backend"] == "auto":
+        return
+    try:
+        backends.select(group["backend"], p.device, _real_dtype(p.dtype))
+    except BackendUnavailableError as e:
+        raise BackendUnavailableError(f"param group {group_index}, param {index}: {e}") from None
+
+
 def _check_backend_name(backend) -> None:
     if backend not in backends.BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, backends.BACKENDS))})")
@@ -310,6 +332,11 @@ def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
                 f"{where}: state keys {sorted(unknown)} are not RMSprop's ({sorted(known)}); "
                 "was this state_dict saved by another optimizer?"
             )
+        if state and "square_avg" not in state:
+            raise ValueError(
+                f"{where}: the saved state has no 'square_avg' (keys {sorted(state)}); "
+                "was this state_dict saved by another optimizer?"
+            )
         for key in known - {"step"}:
             t = state.get(key)
             if t is None:
@@ -319,3 +346,16 @@ def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
                 raise ValueError(f"{where}: state {key!r} has shape {shape} but the param has shape {tuple(p.shape)}")
             if t.is_complex() != p.is_complex() or not (t.is_floating_point() or t.is_complex()):
                 raise ValueError(f"{where}: state {key!r} has dtype {t.dtype}, which cannot hold a {p.dtype} param's state")
+    # The groups too: an optimizer that has not stepped yet has no state to give itself away.
+    required = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+    for group_index, saved in enumerate(saved_groups):
+        missing = [key for key in required if key not in saved]
+        if missing:
+            raise ValueError(
+                f"param group {group_index}: the saved group has no {missing} (it has "
+                f"{sorted(k for k in saved if k != 'params')}); was this state_dict saved by another optimizer?"
+            )
+        check_hyperparameters(
+            saved["lr"], saved["alpha"], saved["eps"], saved["weight_decay"], saved["momentum"],
+            initial_scale=saved.get("initial_scale", 0.0), check_tensor_lr=True,
+        )

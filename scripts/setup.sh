@@ -16,7 +16,7 @@ fi
 # the cap inside build environments.)
 python -m pip install -q --upgrade setuptools wheel
 python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
-python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm
+python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm scikit-learn
 
 # nvcc outside PATH (e.g. /usr/local/cuda/bin) is found by setup.py; with no GPU present the
 # CUDA kernel is compiled for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").

@@ -11,8 +11,7 @@ so even a NaN payload or the sign of a zero must survive).
 Every error must name the param (list index at the functional level; "param group G, param I"
 in the optimizer) and the problem. tests/test_errors.py covers part of this matrix through
 FusedRMSprop on CPU tensors; these tests add the functional level, the remaining combinations,
-every backend and device, and the cases found missing (marked xfail(strict=True) with the
-diagnosis: they turn into failures, to be unmarked, the day the fix lands).
+and every backend and device.
 """
 
 from __future__ import annotations
@@ -143,14 +142,6 @@ def test_functional_refuses_other_bad_tensors_and_changes_nothing(backend, devic
     before.assert_unchanged(Snapshot.of_lists(lists))
 
 
-TENSOR_LR_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="a tensor lr's value is never checked after construction (check_tensor_lr=False in "
-    "functional.rmsprop and FusedRMSprop._gather); for a CPU tensor reading it costs no device "
-    "sync, so NaN or negative values could be refused like a float lr (see the report)",
-)
-
-
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("name, value, message", [
     ("lr", math.nan, "Invalid learning rate: nan"),
@@ -166,8 +157,9 @@ TENSOR_LR_XFAIL = pytest.mark.xfail(
     ("lr", torch.tensor([1e-3, 1e-3]), "Tensor lr must be 1-element"),
     ("grad_scale", torch.tensor([1.0, 2.0]), "grad_scale must be a 1-element floating-point tensor"),
     ("found_inf", torch.tensor(1), "found_inf must be a 1-element floating-point tensor"),
-    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-nan"),
-    pytest.param("lr", torch.tensor(-1e-3), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-negative"),
+    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", id="lr-tensor-nan"),
+    pytest.param("lr", torch.tensor(-1e-3), "Invalid learning rate", id="lr-tensor-negative"),
+    pytest.param("lr", torch.tensor(1), "Tensor lr must be a floating-point tensor", id="lr-tensor-integer"),
 ])
 def test_functional_refuses_invalid_hyperparameters_and_changes_nothing(backend, device, name, value, message):
     require(backend, device, torch.float32)
@@ -179,15 +171,12 @@ def test_functional_refuses_invalid_hyperparameters_and_changes_nothing(backend,
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_functional_refuses_inference_tensors_and_changes_nothing(backend, device, request):
+def test_functional_refuses_inference_tensors_and_changes_nothing(backend, device):
     """A tensor created under torch.inference_mode() may not be updated in place outside it (torch
     raises, and keeps no version counter for it). The check must come before the first write: the
     reference backend raises from copy_ after updating the tensors before it, and the compiled
     kernel writes through data pointers, so it does not raise at all."""
     require(backend, device, torch.float32)
-    request.applymarker(pytest.mark.xfail(strict=True, reason=(
-        "check_param does not refuse inference tensors: the reference backend half-applies the step "
-        "then raises from copy_, the C++ kernel updates them silently (see the report)")))
     lists = lists_2d(device)
     with torch.inference_mode():
         for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
@@ -198,32 +187,12 @@ def test_functional_refuses_inference_tensors_and_changes_nothing(backend, devic
     before.assert_unchanged(Snapshot.of_lists(lists))
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
-def test_integer_tensor_lr_works_on_every_backend(backend, device, dtype, request):
-    """The checks accept an integer tensor lr (torch.optim does too); then every backend must
-    take it, and give what the same float lr gives."""
-    require(backend, device, torch.float32)
-    if backend != "reference":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-            "functional._lr_for hands the integer tensor to the op, whose check_scalar_tensor "
-            "requires a floating-point lr_tensor (see the report)")))
-    with_int, with_float = lists_2d(device), lists_2d(device)
-    call(with_int, backend, lr=torch.tensor(1, dtype=dtype, device=device))
-    call(with_float, backend, lr=1.0)
-    for key in with_float:
-        for i, (a, b) in enumerate(zip(with_int[key], with_float[key])):
-            assert torch.equal(bits(a), bits(b)), f"{key}[{i}]"
-
-
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("defect", [
     "dtype", "shape", "strides", "gaps", "sparse-grad",
     # The Meta dispatch key outranks CPU and CUDA: one meta tensor among real ones sends the call
     # to the fake implementation registered in _extension.py, which returns without a word.
-    pytest.param("meta-device", marks=pytest.mark.xfail(strict=True, reason=(
-        "a meta tensor in any list dispatches the whole call to the fake (Meta) kernel, which "
-        "does nothing: no error and no update (see the report)"))),
+    "meta-device",
 ])
 def test_compiled_op_checks_everything_before_writing(backend, defect):
     """The C++ op is a public entry too (torch.ops.rmsprop_fused.rmsprop_, torch.compile calls it
@@ -275,17 +244,11 @@ def refused_step_changes_nothing(opt, error, message):
     before.assert_optimizer_unchanged(opt)
 
 
-# (state key, defect) pairs that tests/test_errors.py already checks on CPU tensors
-COVERED_BY_TEST_ERRORS = {("square_avg", "meta-device"), ("momentum_buffer", "shape"), ("grad_avg", "dtype")}
-
-
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("key", ["square_avg", "grad_avg", "momentum_buffer"])
 @pytest.mark.parametrize("defect", COMPANION_DEFECTS)
 def test_optimizer_refuses_mismatched_state_and_changes_nothing(backend, device, key, defect):
     require(backend, device, torch.float32)
-    if device == "cpu" and (key, defect) in COVERED_BY_TEST_ERRORS:
-        pytest.skip("covered by tests/test_errors.py")
     if defect == "other-device" and other_device(device) is None:
         pytest.skip("needs a second device type (a GPU)")
     opt, (a, b, c, d) = trained_optimizer(backend, device)
@@ -331,16 +294,11 @@ def test_optimizer_refuses_a_non_dense_param_on_every_backend(backend, device, d
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_optimizer_refuses_a_meta_param_naming_it(backend, device, request):
+def test_optimizer_refuses_a_meta_param_naming_it(backend, device):
     """A model that was not fully materialised (e.g. one param left on meta after to_empty on a
-    sub-module). With backend="auto" or "reference" the step refuses it by name. With an explicit
-    kernel backend the constructor refuses it first, but without saying which param."""
+    sub-module). With backend="auto" or "reference" the step refuses it by name; with an explicit
+    kernel backend the constructor does, naming it too."""
     require(backend, device, torch.float32)
-    if backend != "reference":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="FusedRMSprop.__init__ calls backends.select(...) per param without naming the "
-            "param: 'backend=...cannot update float32 tensors on meta' (see the report)"))
     torch.manual_seed(1)
     a = nn.Parameter(torch.randn(3, device=device))
     meta = nn.Parameter(torch.empty(SHAPE, device="meta"))
@@ -357,14 +315,6 @@ def test_optimizer_refuses_a_meta_param_naming_it(backend, device, request):
     assert torch.equal(a.detach(), before_a)
 
 
-UNAVAILABLE_BACKEND_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="FusedRMSprop.step resolves each group's backend inside apply_checked, group by group, "
-    "after the earlier groups were stepped (and after _init_state ran for every group): an "
-    "unavailable backend in a later group leaves a half-applied step (see the report)",
-)
-
-
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("key, value, message", [
     ("lr", math.nan, "Invalid learning rate: nan"),
@@ -376,10 +326,10 @@ UNAVAILABLE_BACKEND_XFAIL = pytest.mark.xfail(
     ("momentum", math.nan, "Invalid momentum value: nan"),
     ("initial_scale", -1.0, "Invalid initial_scale value: -1.0"),
     ("initial_scale", math.inf, "Invalid initial_scale value: inf"),
-    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-nan"),
-    pytest.param("lr", torch.tensor(-0.1), "Invalid learning rate", marks=TENSOR_LR_XFAIL, id="lr-tensor-negative"),
+    pytest.param("lr", torch.tensor(math.nan), "Invalid learning rate", id="lr-tensor-nan"),
+    pytest.param("lr", torch.tensor(-0.1), "Invalid learning rate", id="lr-tensor-negative"),
     # A valid name, but a backend that cannot update this group's tensors here.
-    pytest.param("backend", "unavailable", "cannot update", marks=UNAVAILABLE_BACKEND_XFAIL, id="backend-unavailable"),
+    pytest.param("backend", "unavailable", "cannot update", id="backend-unavailable"),
 ])
 def test_a_group_changed_after_construction_refuses_the_whole_step(backend, device, key, value, message):
     """tests/test_errors.py covers lr=-0.5, eps=NaN, momentum=-1 and an invalid backend name; these
@@ -395,42 +345,35 @@ def test_a_group_changed_after_construction_refuses_the_whole_step(backend, devi
     refused_step_changes_nothing(opt, exception, re.escape(message))
 
 
-@UNAVAILABLE_BACKEND_XFAIL
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_add_param_group_with_an_unavailable_backend_changes_nothing(backend, device):
-    """The constructor refuses an unavailable backend up front; add_param_group is not overridden,
-    so a group added later is only found out at the step, after the earlier groups moved."""
+def test_add_param_group_with_an_unavailable_backend_is_refused_up_front(backend, device):
+    """add_param_group runs the constructor's checks: a group whose backend cannot run here is
+    refused by name and not added, and the optimizer is as it was."""
     require(backend, device, torch.float32)
     opt, _ = trained_optimizer(backend, device)
     e = nn.Parameter(torch.randn(7, device=device))
     e.grad = torch.randn_like(e)
     before = Snapshot.of_optimizer(opt)
-    try:
+    groups = len(opt.param_groups)
+    with pytest.raises(BackendUnavailableError, match=f"param group {groups}, param 0: .*cannot update"):
         opt.add_param_group({"params": [e], "backend": "cuda" if device == "cpu" else "cpu"})
-    except BackendUnavailableError:  # refused up front (the constructor's behaviour): fine too
-        before.assert_optimizer_unchanged(opt)
-        return
-    refused_step_changes_nothing(opt, BackendUnavailableError, "cannot update")
-    assert e not in opt.state
+    assert len(opt.param_groups) == groups
+    before.assert_optimizer_unchanged(opt)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_add_param_group_with_nan_lr_is_refused_by_the_next_step_at_the_latest(backend, device):
-    """torch's add_param_group checks nothing; the step must then refuse the group before it
-    writes anything. (Refusing it in add_param_group already is better still.)"""
+def test_add_param_group_with_nan_lr_is_refused_up_front(backend, device):
+    """torch's add_param_group checks nothing; FusedRMSprop's refuses the group, which is not added."""
     require(backend, device, torch.float32)
     opt, _ = trained_optimizer(backend, device)
     e = nn.Parameter(torch.randn(7, device=device))
     e.grad = torch.randn_like(e)
     before = Snapshot.of_optimizer(opt)
-    try:
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
         opt.add_param_group({"params": [e], "lr": math.nan})
-    except ValueError as error:
-        assert "Invalid learning rate: nan" in str(error)
-        before.assert_optimizer_unchanged(opt)
-        return
-    refused_step_changes_nothing(opt, ValueError, "Invalid learning rate: nan")
-    assert e not in opt.state
+    assert len(opt.param_groups) == groups
+    before.assert_optimizer_unchanged(opt)
 
 
 # ---------------------------------------------------------------------------------- state_dict
@@ -452,14 +395,9 @@ def other_optimizers_state_dict(kind, params):
 @pytest.mark.parametrize("kind", [
     # SGD's state key is "momentum_buffer", which RMSprop also uses: the key check lets it in. Its
     # groups lack alpha, eps and centered; the next step then fails with KeyError: 'alpha'.
-    pytest.param("sgd-momentum", marks=pytest.mark.xfail(strict=True, reason=(
-        "_check_loaded_state checks only state keys and shapes: an SGD(momentum) state_dict has only "
-        "'momentum_buffer' (an RMSprop key) and groups without alpha/eps/centered; it is loaded, "
-        "and the next step dies with KeyError: 'alpha' (see the report)"))),
+    "sgd-momentum",
     # Adam before its first step has no state at all, only groups without alpha: same outcome.
-    pytest.param("adam-never-stepped", marks=pytest.mark.xfail(strict=True, reason=(
-        "an Adam state_dict with empty state passes _check_loaded_state (no state keys to check); its "
-        "groups have no alpha, and the next step dies with KeyError: 'alpha' (see the report)"))),
+    "adam-never-stepped",
 ])
 def test_another_optimizers_state_dict_is_refused_and_changes_nothing(backend, device, kind):
     """tests/test_errors.py covers an Adam state_dict after a step (refused by its state keys)."""
