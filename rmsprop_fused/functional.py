@@ -134,12 +134,41 @@ def _check_writable(index: int, label: str, t: Tensor) -> None:
         )
 
 
+def _plainly_fine(param, tensors) -> bool:
+    """The common case, checked in a few attribute reads per tensor (a step checks every tensor of
+    a model, so this is the Python cost per param): contiguous, strided, writable tensors of the
+    param's floating dtype, shape and device. False sends the param to the full check, which says
+    what is wrong, or accepts what this shortcut does not cover (channels_last, say)."""
+    if type(param) is not torch.nn.Parameter and type(param) is not Tensor:
+        return False  # subclasses (DTensor, ...) take the full check
+    if param.layout is not torch.strided or param.is_meta or not param.is_contiguous():
+        return False
+    if not (param.is_floating_point() or param.is_complex()):
+        return False
+    inference_matters = not torch.is_inference_mode_enabled()
+    if inference_matters and param.is_inference():
+        return False
+    dtype, shape, device = param.dtype, param.shape, param.device
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or t.layout is not torch.strided or t.dtype is not dtype:
+            return False
+        if t.shape != shape or t.device != device or not t.is_contiguous():
+            return False
+        if inference_matters and t.is_inference():
+            return False
+    return True
+
+
 def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,
                 where: Optional[str] = None) -> None:
     """Checks one param against its grad and whatever state it has (None: not created yet).
     Raises InvalidInputError (a ValueError) or SparseGradientError (a RuntimeError, with torch's
     message), both carrying `index`. Messages name the tensors by list and index
     ("grads[3]"), or, given `where` ("param group 1, param 3"), as the optimizer sees them."""
+    if not torch.compiler.is_compiling() and _plainly_fine(param, (grad, square_avg, grad_avg, momentum_buffer)):
+        return
     name = _label(index, "params", where)
     if not isinstance(param, Tensor):
         raise InvalidInputError(index, f"{name} is a {type(param).__name__}, not a tensor")

@@ -259,11 +259,16 @@ def _count_step(steps: list, found_inf: Optional[Tensor]) -> None:
     for s in steps:
         by_device.setdefault(s.device, []).append(s)
     for device, group in by_device.items():
-        if found_inf is None:
-            torch._foreach_add_(group, 1.0)
-        else:
+        if found_inf is not None:
             increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
-            torch._foreach_add_(group, [increment] * len(group))
+        elif device.type == "cpu":
+            # the CPU foreach kernel loops over the tensors; one wrapped 1 spares it wrapping a
+            # Python number per tensor (as torch.optim does)
+            increment = torch.tensor(1.0)
+        else:
+            torch._foreach_add_(group, 1.0)
+            continue
+        torch._foreach_add_(group, increment, alpha=1.0)
 
 
 def _check_backend_runs(group: dict, group_index: int, index: int, p: Tensor) -> None:
