@@ -149,9 +149,8 @@ def _plainly_fine(param, tensors) -> bool:
     if inference_matters and param.is_inference():
         return False
     dtype, shape, device = param.dtype, param.shape, param.device
-    for t in tensors:
-        if t is None:
-            continue
+    grad, *states = tensors
+    for t in (grad, *(t for t in states if t is not None)):
         if type(t) is not Tensor or t.layout is not torch.strided or t.dtype is not dtype:
             return False
         if t.shape != shape or t.device != device or not t.is_contiguous():
