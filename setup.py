@@ -86,8 +86,8 @@ def extensions_and_cmdclass():
     # The C++ standard is left to torch.utils.cpp_extension, which picks the one its headers need.
     # -fno-math-errno lets GCC vectorise sqrt and -fno-trapping-math lets it turn the options'
     # branches into blends (neither changes a value); -ffp-contract=off (and --fmad=false for nvcc)
-    # keeps a * b + c as two roundings, exactly as torch's CPU ops compute it, so that every
-    # backend produces the same bits for the same inputs.
+    # keeps a * b + c as two roundings, one per operation of the update rule, so that every
+    # backend (and every CPU clone) produces the same bits for the same inputs.
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     nvcc_flags = ["-O3", "--fmad=false", "-lineinfo"]
     # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in parallel

@@ -3,8 +3,10 @@
 // so the CPU tests exercise exactly the arithmetic that runs on the GPU.
 //
 // Order of operations is torch.optim.RMSprop's single-tensor path (torch/optim/rmsprop.py),
-// operation by operation, so that with FMA contraction disabled (-ffp-contract=off on the host,
-// --fmad=false for nvcc) every backend rounds exactly where torch's CPU ops round.
+// operation by operation, each rounded once: with FMA contraction disabled (-ffp-contract=off on
+// the host, --fmad=false for nvcc) every backend computes the same bits. (torch's own CPU kernels
+// fuse some of these multiply-adds and take a sqrt that is not always correctly rounded, so they
+// agree with this to a few ulps.)
 #pragma once
 
 #include <cmath>

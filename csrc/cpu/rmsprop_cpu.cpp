@@ -2,7 +2,7 @@
 // with the elements of all tensors split evenly between at::parallel_for's threads. The inner
 // loop is plain scalar code over __restrict__ pointers that GCC vectorises: built with -O3,
 // -fno-math-errno (so sqrt vectorises), -fno-trapping-math (so the option selects become blends)
-// and -ffp-contract=off (so it rounds exactly like torch's CPU ops); 16-bit elements go through
+// and -ffp-contract=off (one rounding per operation, like the GPU kernels); 16-bit elements go through
 // element_codec.h. tests/test_cpu_kernel.py reads the machine code to check all of this.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
