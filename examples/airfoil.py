@@ -1,8 +1,9 @@
 """The NASA airfoil self-noise data set, found or fetched, and standardised as d2l does.
 
 Where the file comes from, in order: the path given; `../shared/data/airfoil_self_noise.dat`
-beside a project checkout; a copy downloaded earlier into the cache directory; a download from
-the data set's public UCI home. Whatever the source, its SHA-1 must be the one d2l's
+beside a project checkout; the copy the tests ship (`tests/data/`, so a checkout needs no
+network); a copy downloaded earlier into the cache directory; a download from the data set's
+public UCI home. Whatever the source, its SHA-1 must be the one d2l's
 `get_data_ch11` loads, so every example and test sees the same 1503 rows.
 """
 
@@ -23,6 +24,7 @@ SHA1 = "76e5be1548fd8222e5074cf0faae75edff8cf93f"
 UCI_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/00291/airfoil_self_noise.dat"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_PATH = os.path.join(REPO_ROOT, "..", "shared", "data", FILE_NAME)
+TESTS_COPY = os.path.join(REPO_ROOT, "tests", "data", FILE_NAME)
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rmsprop_fused")
 
 
@@ -59,7 +61,7 @@ def find(path: Optional[str] = None, *, allow_download: bool = True) -> str:
     if path is not None:
         candidates = [path]
     else:
-        candidates = [SHARED_PATH, os.path.join(CACHE_DIR, FILE_NAME)]
+        candidates = [SHARED_PATH, TESTS_COPY, os.path.join(CACHE_DIR, FILE_NAME)]
     for candidate in candidates:
         if os.path.exists(candidate):
             got = sha1(candidate)
@@ -69,7 +71,7 @@ def find(path: Optional[str] = None, *, allow_download: bool = True) -> str:
     if path is not None:
         raise FileNotFoundError(path)
     if not allow_download:
-        raise FileNotFoundError(f"no airfoil data at {SHARED_PATH} or in {CACHE_DIR}")
+        raise FileNotFoundError(f"no airfoil data at {SHARED_PATH}, {TESTS_COPY} or in {CACHE_DIR}")
     return download()
 
 

@@ -21,11 +21,8 @@ import airfoil  # noqa: E402
 import d2l_rmsprop as d2l  # noqa: E402
 import train  # noqa: E402
 
-try:
-    DATA = airfoil.find(allow_download=False)
-except FileNotFoundError:
-    DATA = None
-needs_data = pytest.mark.skipif(DATA is None, reason="no airfoil_self_noise.dat at ../shared/data or in the cache (no download in tests)")
+# The tests' own copy (tests/data/README.md), checked against the data set's SHA-1 by find().
+DATA = airfoil.find(os.path.join(ROOT, "tests", "data", airfoil.FILE_NAME))
 
 
 def rmsprop_2d(grad, start=(-5.0, -2.0), eta=0.4, gamma=0.9, eps=1e-6, steps=20, s0=0.0):
@@ -106,7 +103,6 @@ def test_rotated_problem_matches_the_formula():
 # ----------------------------------------------------------------------------- 3. airfoil
 
 
-@needs_data
 def test_airfoil_is_standardised_as_d2l_does():
     X, y = airfoil.load(DATA)
     raw = np.loadtxt(DATA, delimiter="\t", dtype=np.float64)
@@ -145,7 +141,6 @@ def d2l_regression_float64(X, y, seed=0, lr=0.01, gamma=0.9, eps=1e-6, batch_siz
     return w, b, losses
 
 
-@needs_data
 @pytest.mark.parametrize("optimizer", ["d2l", "fused"])
 def test_airfoil_regression_matches_the_float64_formula(optimizer):
     X, y = airfoil.load(DATA)
@@ -161,8 +156,6 @@ def test_airfoil_regression_matches_the_float64_formula(optimizer):
 
 
 def test_airfoil_download_checks_the_sha1(tmp_path):
-    if DATA is None:
-        pytest.skip("no local copy to serve")
     good = tmp_path / "served.dat"
     shutil.copy(DATA, good)
     path = airfoil.download(str(tmp_path / "cache"), url=good.as_uri())
@@ -178,7 +171,6 @@ def test_airfoil_download_checks_the_sha1(tmp_path):
         airfoil.find(str(tmp_path / "missing.dat"))
 
 
-@needs_data
 def test_d2l_main_prints_the_results_and_writes_every_figure(tmp_path):
     out = io.StringIO()
     with redirect_stdout(out):
@@ -193,7 +185,6 @@ def test_d2l_main_prints_the_results_and_writes_every_figure(tmp_path):
 # ----------------------------------------------------------------------------- training script
 
 
-@needs_data
 def test_train_swaps_the_optimizer_and_the_curves_agree():
     task = train.airfoil_task(DATA)
     kwargs = dict(epochs=2, steps=50, momentum=0.9, centered=True)
@@ -205,7 +196,6 @@ def test_train_swaps_the_optimizer_and_the_curves_agree():
     assert runs[1].epoch_losses[-1] < runs[1].step_losses[0]  # it learns
 
 
-@needs_data
 def test_train_with_amp_on_cpu_steps_through_the_grad_scaler():
     task = train.airfoil_task(DATA)
     lines = []
@@ -214,7 +204,6 @@ def test_train_with_amp_on_cpu_steps_through_the_grad_scaler():
     assert "ms/step" in lines[0]
 
 
-@needs_data
 def test_train_main_compare_prints_both_curves(capsys):
     assert train.main(["--compare", "--data", DATA, "--epochs", "2", "--steps", "60", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
