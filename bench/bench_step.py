@@ -10,7 +10,7 @@ torch.optim.RMSprop with foreach=True and foreach=False (the for-loop path, torc
 torch.optim.RMSprop.step under torch.compile, and bitsandbytes' RMSprop when it is installed.
 
 An RMSprop step is memory-bound, so every time is also reported as an effective bandwidth: the
-minimum bytes a single fused pass must move (DESIGN.md section 4: 20, 28 or 36 bytes per fp32
+minimum bytes a single fused pass must move (docs/DESIGN.md section 4: 20, 28 or 36 bytes per fp32
 element) divided by the median step time, and as a fraction of the copy bandwidth measured in the
 same run, just before the list's cases. Ratios between implementations come from one run on one
 machine; absolute numbers from a shared machine are only as good as its load was quiet.
@@ -94,7 +94,7 @@ def tensors_touched(centered: bool, momentum: float, grad_scale: bool = False) -
 
 
 def min_bytes_per_element(dtype: torch.dtype, centered: bool, momentum: float, grad_scale: bool = False) -> int:
-    """DESIGN.md section 4: plain 20, momentum 28, centered+momentum 36 bytes for fp32 (+4 with a
+    """docs/DESIGN.md section 4: plain 20, momentum 28, centered+momentum 36 bytes for fp32 (+4 with a
     grad_scale); half that for 16-bit tensors. Every tensor of a group has the param's dtype."""
     reads, writes = tensors_touched(centered, momentum, grad_scale)
     return (reads + writes) * dtype.itemsize
@@ -831,7 +831,7 @@ def main(argv=None) -> int:
         report = {
             "environment": env,
             "finished": finished,
-            "byte_model": "minimum bytes per element of one fused pass (DESIGN.md section 4); gbps = min_bytes / median_s",
+            "byte_model": "minimum bytes per element of one fused pass (docs/DESIGN.md section 4); gbps = min_bytes / median_s",
             "timing": dataclasses.asdict(plan) | {
                 "timer": "torch.cuda.Event" if device.type == "cuda" else "time.perf_counter",
                 "memory_budget_bytes": memory_budget,

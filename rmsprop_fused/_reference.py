@@ -1,4 +1,4 @@
-"""The reference backend: DESIGN.md section 1 in plain PyTorch ops, one tensor at a time.
+"""The reference backend: docs/DESIGN.md section 1 in plain PyTorch ops, one tensor at a time.
 
 It is the oracle every kernel is tested against, and the fallback where no kernel is available.
 Each line is one elementwise torch op in the order torch.optim.RMSprop uses, computed in opmath

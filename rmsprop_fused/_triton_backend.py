@@ -63,7 +63,7 @@ __all__ = ["unavailable_reason", "rmsprop_triton"]
 # was available when this was written), from the compiled code alone: for sm_90, ptxas reports
 # about 110 registers and no spills for the widest variant (centered, momentum, AMP), where 16
 # elements per thread (2048 over 4 warps) needs 170. To be tuned on a GPU, reporting effective
-# GB/s against the copy bandwidth (DESIGN.md section 4). In Triton's interpreter, which runs the
+# GB/s against the copy bandwidth (docs/DESIGN.md section 4). In Triton's interpreter, which runs the
 # programs one after another and each as NumPy array operations, a large block also keeps the
 # CPU tests quick.
 BLOCK_SIZE = 2048

@@ -243,7 +243,7 @@ def rmsprop(
     found_inf: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> None:
-    r"""Applies one RMSprop step in place to lists of tensors (DESIGN.md section 1).
+    r"""Applies one RMSprop step in place to lists of tensors (docs/DESIGN.md section 1).
 
     ``grad_avgs`` is used when ``centered`` and ``momentum_buffers`` when ``momentum > 0``; pass
     empty lists otherwise (torch.optim.RMSprop's state has the same shape). ``lr`` may be a float

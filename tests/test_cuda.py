@@ -1,4 +1,4 @@
-"""The CUDA kernel on a real GPU (DESIGN.md section 3.7: a confirmation of what the host build
+"""The CUDA kernel on a real GPU (docs/DESIGN.md section 3.7: a confirmation of what the host build
 established): against the reference for every option and dtype, sizes around the vector widths,
 misaligned views, grad_scale and found_inf as device tensors, a device lr, a tensor of more than
 2^31 elements, bitwise equality with the host build of the same kernel, CUDA-graph capture and

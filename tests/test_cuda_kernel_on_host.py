@@ -1,5 +1,5 @@
 """The CUDA kernel's own code, built for the host and run block by block and thread by thread
-(DESIGN.md section 3.4), against the reference backend: every option combination and dtype, launch
+(docs/DESIGN.md section 3.4), against the reference backend: every option combination and dtype, launch
 planning with tiny capacities (tensors split between launches), the 16-byte vector path and the
 scalar path and tail (aligned and misaligned views, sizes around the vector widths, chunk sizes
 that misalign chunks), grad_scale and found_inf, a tensor lr, refused calls, and the launch count

@@ -1,4 +1,4 @@
-"""Static checks of the compiled CUDA kernels that need no GPU (DESIGN.md section 3.6): the SASS of
+"""Static checks of the compiled CUDA kernels that need no GPU (docs/DESIGN.md section 3.6): the SASS of
 rmsprop_fused/_C*.so, disassembled by cuobjdump, has for every architecture it was built for one
 kernel per (dtype, centered, momentum), each with 128-bit global loads and stores (the 16-byte
 vector path: one LDG.E.128 and one STG.E.128 per tensor list, at least), and no local-memory

@@ -237,7 +237,7 @@ def test_float16_zero_gradient_gives_no_nan_unlike_torch():
     ours.step()
     theirs.step()
     assert torch.equal(p, torch.ones_like(p))
-    assert torch.isnan(q).all()  # eps=1e-8 underflows to 0 in fp16: 0/0 (DESIGN.md section 1)
+    assert torch.isnan(q).all()  # eps=1e-8 underflows to 0 in fp16: 0/0 (docs/DESIGN.md section 1)
 
 
 # ---------------------------------------------------------------- state_dict both ways

@@ -5,7 +5,7 @@
 //                                      every thread index of every launch.
 // The kernel uses no shared memory, no barriers and no warp intrinsics, and the threads of a launch
 // write disjoint elements, so any order of the (block, thread) calls, the sequential host order
-// included, computes exactly what the grid computes (DESIGN.md section 3.4). The tests drive the
+// included, computes exactly what the grid computes (docs/DESIGN.md section 3.4). The tests drive the
 // host build through every path below: launch planning, the block-to-segment search, the 16-byte
 // vector path, the scalar path and tail, and the dtype conversions.
 //
