@@ -27,6 +27,12 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
+def check_name(backend) -> None:
+    """Raises ValueError unless `backend` is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, BACKENDS))})")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -53,7 +59,8 @@ def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch
         return _extension.unavailable_reason(device)
     if backend == "triton":
         return _triton_reason(device, dtype)
-    raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, BACKENDS))})")
+    check_name(backend)  # raises for a name that is no backend
+    raise ValueError("unavailable_reason() asks about one implementation, not 'auto'")
 
 
 # Under torch.compile the choice is made eagerly at trace time (and baked into the graph): it

@@ -96,11 +96,14 @@ def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
 
-def _label(index: int, name: str, where: Optional[str]) -> str:
-    return f"{name}[{index}]" if where is None else f"{where}: {_OPTIMIZER_LABELS[name]}"
+def _label(index: int, name: str, where: Optional[tuple]) -> str:
+    if where is None:
+        return f"{name}[{index}]"
+    group_index, param_index = where
+    return f"param group {group_index}, param {param_index}: {_OPTIMIZER_LABELS[name]}"
 
 
-def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool, where: Optional[str]) -> None:
+def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool, where: Optional[tuple]) -> None:
     label = _label(index, name, where)
     if not isinstance(t, Tensor):
         raise InvalidInputError(index, f"{label} is a {type(t).__name__}, not a tensor")
@@ -161,11 +164,12 @@ def _plainly_fine(param, tensors) -> bool:
 
 
 def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,
-                where: Optional[str] = None) -> None:
+                where: Optional[tuple] = None) -> None:
     """Checks one param against its grad and whatever state it has (None: not created yet).
     Raises InvalidInputError (a ValueError) or SparseGradientError (a RuntimeError, with torch's
     message), both carrying `index`. Messages name the tensors by list and index
-    ("grads[3]"), or, given `where` ("param group 1, param 3"), as the optimizer sees them."""
+    ("grads[3]"), or, given `where` = (group index, param index), as the optimizer sees them
+    ("param group 1, param 3: grad"); the message is formatted only when there is one."""
     if not torch.compiler.is_compiling() and _plainly_fine(param, (grad, square_avg, grad_avg, momentum_buffer)):
         return
     name = _label(index, "params", where)
@@ -254,8 +258,7 @@ def rmsprop(
     Everything is validated before anything is written: a refused call changes nothing.
     """
     check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, backends.BACKENDS))})")
+    backends.check_name(backend)
     _check_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum)
     for i in range(len(params)):
         check_param(

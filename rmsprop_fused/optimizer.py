@@ -94,7 +94,7 @@ class FusedRMSprop(Optimizer):
         backend: str = "auto",
     ) -> None:
         check_hyperparameters(lr, alpha, eps, weight_decay, momentum, initial_scale=initial_scale, check_tensor_lr=True)
-        _check_backend_name(backend)
+        backends.check_name(backend)
         if differentiable:
             raise ValueError(
                 "FusedRMSprop does not support differentiable=True: the fused step is not "
@@ -143,12 +143,12 @@ class FusedRMSprop(Optimizer):
             group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
             initial_scale=group["initial_scale"], check_tensor_lr=check_tensor_lr,
         )
-        _check_backend_name(group["backend"])
+        backends.check_name(group["backend"])
         if group.get("differentiable"):
             raise ValueError("FusedRMSprop does not support differentiable=True (a group loaded from torch.optim.RMSprop?)")
 
     def _gather(self, group_index: int, group: dict):
-        """The params of a group that have a grad, with their existing state, checked.
+        """The params of a group that have a grad, checked with their existing state.
         Creates nothing: a refused step must leave the optimizer as it was."""
         self._check_group(group)
         lr = group["lr"]
@@ -170,9 +170,9 @@ class FusedRMSprop(Optimizer):
                 states[1] = None
             if group["momentum"] <= 0:
                 states[2] = None
-            check_param(index, p, p.grad, *states, where=f"param group {group_index}, param {index}")
+            check_param(index, p, p.grad, *states, where=(group_index, index))
             _check_backend_runs(group, group_index, index, p)  # the group's backend may have changed
-            gathered.append((p, state))
+            gathered.append(p)
         return gathered
 
     # ------------------------------------------------------------------ state
@@ -213,16 +213,16 @@ class FusedRMSprop(Optimizer):
         # Check every group before touching any: a refused step changes nothing.
         gathered = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
         for group, members in zip(self.param_groups, gathered):
-            for p, _ in members:
+            for p in members:
                 self._init_state(p, self.state[p], group)
 
         for group, members in zip(self.param_groups, gathered):
             if not members:
                 continue
-            states = [self.state[p] for p, _ in members]
+            states = [self.state[p] for p in members]
             apply_checked(
-                [p for p, _ in members],
-                [p.grad for p, _ in members],
+                members,
+                [p.grad for p in members],
                 [s["square_avg"] for s in states],
                 [s["grad_avg"] for s in states] if group["centered"] else [],
                 [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else [],
@@ -277,18 +277,9 @@ def _check_backend_runs(group: dict, group_index: int, index: int, p: Tensor) ->
     if group["backend"] == "auto":
         return
     try:
-        backends.select(group["backend"], p.device, _real_dtype(p.dtype))
+        backends.select(group["backend"], p.device, p.dtype.to_real())
     except BackendUnavailableError as e:
         raise BackendUnavailableError(f"param group {group_index}, param {index}: {e}") from None
-
-
-def _check_backend_name(backend) -> None:
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(map(repr, backends.BACKENDS))})")
-
-
-def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    return {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}.get(dtype, dtype)
 
 
 def _real(t: Tensor) -> Tensor:

@@ -346,32 +346,23 @@ def test_a_group_changed_after_construction_refuses_the_whole_step(backend, devi
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_add_param_group_with_an_unavailable_backend_is_refused_up_front(backend, device):
-    """add_param_group runs the constructor's checks: a group whose backend cannot run here is
-    refused by name and not added, and the optimizer is as it was."""
+@pytest.mark.parametrize("defect", ["unavailable-backend", "nan-lr"])
+def test_add_param_group_refuses_a_bad_group_up_front(backend, device, defect):
+    """torch's add_param_group checks nothing; FusedRMSprop's runs the constructor's checks: a group
+    whose backend cannot run here, or whose lr is NaN, is refused (naming the param where there is
+    one) and not added, and the optimizer is as it was."""
     require(backend, device, torch.float32)
     opt, _ = trained_optimizer(backend, device)
     e = nn.Parameter(torch.randn(7, device=device))
     e.grad = torch.randn_like(e)
     before = Snapshot.of_optimizer(opt)
     groups = len(opt.param_groups)
-    with pytest.raises(BackendUnavailableError, match=f"param group {groups}, param 0: .*cannot update"):
-        opt.add_param_group({"params": [e], "backend": "cuda" if device == "cpu" else "cpu"})
-    assert len(opt.param_groups) == groups
-    before.assert_optimizer_unchanged(opt)
-
-
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_add_param_group_with_nan_lr_is_refused_up_front(backend, device):
-    """torch's add_param_group checks nothing; FusedRMSprop's refuses the group, which is not added."""
-    require(backend, device, torch.float32)
-    opt, _ = trained_optimizer(backend, device)
-    e = nn.Parameter(torch.randn(7, device=device))
-    e.grad = torch.randn_like(e)
-    before = Snapshot.of_optimizer(opt)
-    groups = len(opt.param_groups)
-    with pytest.raises(ValueError, match="Invalid learning rate: nan"):
-        opt.add_param_group({"params": [e], "lr": math.nan})
+    if defect == "unavailable-backend":
+        group, error, message = {"backend": "cuda" if device == "cpu" else "cpu"}, BackendUnavailableError, f"param group {groups}, param 0: .*cannot update"
+    else:
+        group, error, message = {"lr": math.nan}, ValueError, "Invalid learning rate: nan"
+    with pytest.raises(error, match=message):
+        opt.add_param_group({"params": [e], **group})
     assert len(opt.param_groups) == groups
     before.assert_optimizer_unchanged(opt)
 
