@@ -126,7 +126,8 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
     """The loop is compute-bound on 4-wide SSE2 sqrt and division, so it is cloned for x86-64-v3
     (AVX2) and x86-64-v4 (AVX-512). Every instantiation and every clone must keep sqrt vectorised, in its clone's register
     width. What breaks it: building without -fno-math-errno (each element calls sqrtf for errno),
-    a select on an option flag that GCC will not unswitch, a 16-bit conversion it cannot vectorise."""
+    a select on an option flag that GCC will not unswitch, a 16-bit conversion it cannot vectorise.
+    And every stream is prefetched ahead (rmsprop_cpu.cpp, kPrefetchBytes)."""
     functions = _update_loop_functions()
     clones = {"[clone .default]": "%xmm", "[clone .arch_x86_64_v3]": "%ymm", "[clone .arch_x86_64_v4]": "%zmm"}
     # 4 dtypes x (centered, momentum, AMP unscale) x 3 clones
@@ -137,3 +138,8 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
         packed = [line for line in code.splitlines() if f"sqrt{opmath}" in line and width in line]
         assert packed, f"{name}: no sqrt{opmath} on {width}: the loop is not vectorised"
         assert not [l for l in code.splitlines() if "call" in l and "sqrt" in l], f"{name}: calls sqrt"
+        # a software prefetch per stream: p, grad, square_avg, and grad_avg / momentum_buffer when used
+        _, centered, momentum = name.split("update_range<", 1)[1].split(", ")[:3]
+        streams = 3 + (centered == "true") + (momentum == "true")
+        prefetches = [line for line in code.splitlines() if "prefetcht0" in line]
+        assert len(prefetches) >= streams, f"{name}: {len(prefetches)} prefetches for {streams} streams"
