@@ -37,8 +37,16 @@ inline bool same_memory_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// What check_companion requires of a grad or state tensor, as a predicate.
+inline bool companion_matches(const at::Tensor& param, const at::Tensor& t) {
+  return t.defined() && t.layout() == c10::kStrided && t.device() == param.device() &&
+         t.scalar_type() == param.scalar_type() && t.sizes() == param.sizes() &&
+         same_memory_layout(param, t);
+}
+
 inline void check_companion(const at::Tensor& param, const at::Tensor& t, const char* list,
                             size_t i) {
+  if (companion_matches(param, t)) return;
   TORCH_CHECK(t.defined(), "rmsprop_fused: ", list, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == c10::kStrided, "rmsprop_fused: ", list, "[", i,
               "] has layout ", t.layout(), "; RMSprop does not support sparse gradients");

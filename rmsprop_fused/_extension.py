@@ -64,8 +64,9 @@ def _load() -> None:
     except (ImportError, OSError) as e:
         load_error = f"the C++ extension failed to load ({e}): {_REBUILD}"
         return
-    if not hasattr(torch.ops.rmsprop_fused, "rmsprop_"):
-        load_error = f"the C++ extension loaded but registered no op rmsprop_fused::rmsprop_: {_REBUILD}"
+    missing = [op for op in ("rmsprop_", "first_irregular") if not hasattr(torch.ops.rmsprop_fused, op)]
+    if missing:
+        load_error = f"the C++ extension loaded but registered no op rmsprop_fused::{missing[0]}: {_REBUILD}"
 
 
 # ELF layout, by class (32 or 64 bit): the format of an address, where the program header table's

@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import _extension, backends
 from .errors import InvalidInputError, SparseGradientError
 
-__all__ = ["rmsprop", "check_hyperparameters", "check_param"]
+__all__ = ["rmsprop", "check_hyperparameters", "check_param", "first_irregular"]
 
 STATE_NAMES = ("square_avgs", "grad_avgs", "momentum_buffers")
 # How FusedRMSprop names the tensors in its messages ("param group 1, param 3: grad is ...").
@@ -137,30 +137,26 @@ def _check_writable(index: int, label: str, t: Tensor) -> None:
         )
 
 
-def _plainly_fine(param, tensors) -> bool:
-    """The common case, checked in a few attribute reads per tensor (a step checks every tensor of
-    a model, so this is the Python cost per param): contiguous, strided, writable tensors of the
-    param's floating dtype, shape and device. False sends the param to the full check, which says
-    what is wrong, or accepts what this shortcut does not cover (channels_last, say)."""
-    if type(param) is not torch.nn.Parameter and type(param) is not Tensor:
-        return False  # subclasses (DTensor, ...) take the full check
-    if param.layout is not torch.strided or param.is_meta or not param.is_contiguous():
-        return False
-    if not (param.is_floating_point() or param.is_complex()):
-        return False
-    inference_matters = not torch.is_inference_mode_enabled()
-    if inference_matters and param.is_inference():
-        return False
-    dtype, shape, device = param.dtype, param.shape, param.device
-    grad, *states = tensors
-    for t in (grad, *(t for t in states if t is not None)):
-        if type(t) is not Tensor or t.layout is not torch.strided or t.dtype is not dtype:
-            return False
-        if t.shape != shape or t.device != device or not t.is_contiguous():
-            return False
-        if inference_matters and t.is_inference():
-            return False
-    return True
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None)))
+
+
+def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffers=()) -> int:
+    """The index of the first param that needs the full checks of :func:`check_param`, or -1 when
+    every param plainly passes them. Pass the lists the step will use (``grad_avgs`` only when
+    centered, ``momentum_buffers`` only with momentum) and None for state not created yet.
+
+    This is the Python cost of a step per param, so the common case is decided in C++
+    (``rmsprop_fused::first_irregular``, csrc/rmsprop_op.cpp) in one pass over all params. Without
+    the extension, while torch.compile traces, or when a list holds anything but plain tensors and
+    parameters (DTensor, other subclasses), the answer is 0: everything takes the full checks."""
+    if not params:
+        return -1
+    if _extension.load_error is not None or torch.compiler.is_compiling():
+        return 0
+    lists = (params, grads, square_avgs, grad_avgs, momentum_buffers)
+    if not all(_PLAIN_TYPES.issuperset(map(type, tensors)) for tensors in lists):
+        return 0
+    return torch.ops.rmsprop_fused.first_irregular(*lists)
 
 
 def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,
@@ -169,9 +165,7 @@ def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentu
     Raises InvalidInputError (a ValueError) or SparseGradientError (a RuntimeError, with torch's
     message), both carrying `index`. Messages name the tensors by list and index
     ("grads[3]"), or, given `where` = (group index, param index), as the optimizer sees them
-    ("param group 1, param 3: grad"); the message is formatted only when there is one."""
-    if not torch.compiler.is_compiling() and _plainly_fine(param, (grad, square_avg, grad_avg, momentum_buffer)):
-        return
+    ("param group 1, param 3: grad"). :func:`first_irregular` says which params need this."""
     name = _label(index, "params", where)
     if not isinstance(param, Tensor):
         raise InvalidInputError(index, f"{name} is a {type(param).__name__}, not a tensor")
@@ -260,7 +254,10 @@ def rmsprop(
     check_hyperparameters(lr, alpha, eps, weight_decay, momentum)
     backends.check_name(backend)
     _check_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum)
-    for i in range(len(params)):
+    first = first_irregular(
+        params, grads, square_avgs, grad_avgs if centered else (), momentum_buffers if momentum > 0 else ()
+    )
+    for i in range(first, len(params) if first >= 0 else 0):
         check_param(
             i, params[i], grads[i], square_avgs[i],
             grad_avgs[i] if centered else None, momentum_buffers[i] if momentum > 0 else None,
@@ -281,6 +278,37 @@ def apply_checked(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr
     """The step for inputs that already passed the checks of :func:`rmsprop` (the optimizer
     checks them itself, before it creates state). Backends are resolved for every group before
     the first group is updated, so an unavailable backend also changes nothing."""
+    groups = _one_group(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum)
+    if groups is None:
+        groups = _groups(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum)
+    plan = [(device, backends.select(backend, device, dtype), lists) for (device, dtype), lists in groups.items()]
+    for device, name, lists in plan:
+        backends.implementation(name)(
+            *lists,
+            lr=_lr_for(lr, device),
+            alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
+            maximize=maximize, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+            grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
+        )
+
+
+def _one_group(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum) -> Optional[dict]:
+    """The usual case, without a loop in Python: real params of plain types, all of one device
+    and dtype, are one group as they are. None otherwise."""
+    if not params or not _PLAIN_TYPES.issuperset(map(type, params)):
+        return None
+    kinds = {(p.device, p.dtype) for p in params}
+    if len(kinds) != 1:
+        return None
+    (kind,) = kinds
+    if kind[1].is_complex:
+        return None
+    return {kind: [params, grads, square_avgs, grad_avgs if centered else [], momentum_buffers if momentum > 0 else []]}
+
+
+def _groups(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum) -> dict:
+    """{(device, dtype): the five lists}, complex tensors as view_as_real pairs and DTensors as
+    their local shards."""
     groups: dict = {}
     for i, param in enumerate(params):
         tensors = [param, grads[i], square_avgs[i]]
@@ -300,16 +328,7 @@ def apply_checked(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr
             group[3].append(tensors[3])
         if momentum > 0:
             group[4].append(tensors[-1])
-
-    plan = [(device, backends.select(backend, device, dtype), lists) for (device, dtype), lists in groups.items()]
-    for device, name, lists in plan:
-        backends.implementation(name)(
-            *lists,
-            lr=_lr_for(lr, device),
-            alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered,
-            maximize=maximize, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
-            grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-        )
+    return groups
 
 
 def _lr_for(lr, device: torch.device):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -10,12 +10,28 @@ from torch.optim import Optimizer
 
 from . import backends
 from .errors import BackendUnavailableError
-from .functional import STATE_NAMES, apply_checked, check_hyperparameters, check_param
+from .functional import STATE_NAMES, apply_checked, check_hyperparameters, check_param, first_irregular
 
 __all__ = ["FusedRMSprop"]
 
 # The state keys of torch.optim.RMSprop, by the functional's list names.
 _STATE_KEY = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
+_NO_STATE: dict = {}
+
+
+class _Gathered(NamedTuple):
+    """What a step updates in one param group: the params that have a grad, their grads, their
+    step counters and the functional's state lists by name (empty when the group's options do not
+    use them). None stands for state not created yet."""
+
+    params: list
+    grads: list
+    steps: list
+    state_lists: dict
+
+    def lacks_state(self) -> bool:
+        lists = (self.steps, *self.state_lists.values())
+        return any(t is None for tensors in lists for t in tensors)
 _OUR_DEFAULTS = {"eps_in_sqrt": False, "initial_scale": 0.0, "lr_in_momentum": False, "backend": "auto"}
 
 
@@ -147,9 +163,10 @@ class FusedRMSprop(Optimizer):
         if group.get("differentiable"):
             raise ValueError("FusedRMSprop does not support differentiable=True (a group loaded from torch.optim.RMSprop?)")
 
-    def _gather(self, group_index: int, group: dict):
-        """The params of a group that have a grad, checked with their existing state.
-        Creates nothing: a refused step must leave the optimizer as it was."""
+    def _gather(self, group_index: int, group: dict) -> "_Gathered":
+        """The params of a group that have a grad, with their grads and the state lists the step
+        uses (None where state is not created yet), all checked. Creates nothing: a refused step
+        must leave the optimizer as it was."""
         self._check_group(group)
         lr = group["lr"]
         if isinstance(lr, Tensor) and _capturing_cuda_graph():
@@ -160,22 +177,34 @@ class FusedRMSprop(Optimizer):
                         f"on {lr.device} and a param is on {p.device}: the graph would replay the lr of "
                         "capture time forever; put the lr tensor on the params' device"
                     )
-        gathered = []
-        for index, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            state = self.state.get(p, {})
-            states = [state.get(_STATE_KEY[name]) for name in STATE_NAMES]
-            if not group["centered"]:
-                states[1] = None
-            if group["momentum"] <= 0:
-                states[2] = None
-            check_param(index, p, p.grad, *states, where=(group_index, index))
-            _check_backend_runs(group, group_index, index, p)  # the group's backend may have changed
-            gathered.append(p)
-        return gathered
+        members, grads = [], []
+        for p in group["params"]:
+            grad = p.grad
+            if grad is not None:
+                members.append(p)
+                grads.append(grad)
+        steps, state_lists = self._state(group, members)
+        first = first_irregular(members, grads, *state_lists.values())
+        if first >= 0:
+            indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            for k in range(first, len(members)):
+                states = (tensors[k] if tensors else None for tensors in state_lists.values())
+                check_param(indices[k], members[k], grads[k], *states, where=(group_index, indices[k]))
+        if group["backend"] != "auto":  # the group's explicit backend may have changed
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    _check_backend_runs(group, group_index, index, p)
+        return _Gathered(members, grads, steps, state_lists)
 
     # ------------------------------------------------------------------ state
+
+    def _state(self, group: dict, members: list) -> tuple[list, dict]:
+        """The members' step counters, and {list name: their state tensors} for the lists the
+        group's options use (an empty list for the others); None where absent."""
+        states = [self.state.get(p, _NO_STATE) for p in members]
+        used = {"square_avgs": True, "grad_avgs": group["centered"], "momentum_buffers": group["momentum"] > 0}
+        state_lists = {name: [s.get(_STATE_KEY[name]) for s in states] if used[name] else [] for name in STATE_NAMES}
+        return [s.get("step") for s in states], state_lists
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         """torch's state, created lazily, for a param that has a grad; keys that the group's
@@ -212,27 +241,25 @@ class FusedRMSprop(Optimizer):
 
         # Check every group before touching any: a refused step changes nothing.
         gathered = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
-        for group, members in zip(self.param_groups, gathered):
-            for p in members:
-                self._init_state(p, self.state[p], group)
+        for index, (group, members) in enumerate(zip(self.param_groups, gathered)):
+            if members.lacks_state():
+                for p in members.params:
+                    self._init_state(p, self.state[p], group)
+                steps, state_lists = self._state(group, members.params)
+                gathered[index] = members._replace(steps=steps, state_lists=state_lists)
 
         for group, members in zip(self.param_groups, gathered):
-            if not members:
+            if not members.params:
                 continue
-            states = [self.state[p] for p in members]
             apply_checked(
-                members,
-                [p.grad for p in members],
-                [s["square_avg"] for s in states],
-                [s["grad_avg"] for s in states] if group["centered"] else [],
-                [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else [],
+                members.params, members.grads, *members.state_lists.values(),
                 lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"],
                 centered=group["centered"], maximize=group["maximize"],
                 eps_in_sqrt=group["eps_in_sqrt"], lr_in_momentum=group["lr_in_momentum"],
                 grad_scale=grad_scale, found_inf=found_inf, backend=group["backend"],
             )
-            _count_step([s["step"] for s in states], found_inf)
+            _count_step(members.steps, found_inf)
         return loss
 
     # ------------------------------------------------------------------ state_dict

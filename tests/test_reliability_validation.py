@@ -187,6 +187,101 @@ def test_functional_refuses_inference_tensors_and_changes_nothing(backend, devic
     before.assert_unchanged(Snapshot.of_lists(lists))
 
 
+# The fast check. A step reads each param's metadata in one C++ pass (first_irregular) and runs
+# the full Python checks only from the first param that pass does not accept: so for every input
+# the full checks refuse, the fast check must stop at that param, never before a good one and never
+# let the bad one through.
+
+def _fast_check(lists, centered=True, momentum=True):
+    from rmsprop_fused import _extension
+    from rmsprop_fused.functional import first_irregular
+
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast check is compiled: {_extension.load_error}")
+    return first_irregular(lists["params"], lists["grads"], lists["square_avgs"],
+                           lists["grad_avgs"] if centered else [], lists["momentum_buffers"] if momentum else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fast_check_accepts_plain_params(dtype, layout):
+    if layout == "channels_last":  # dense in another dimension order, the same in every list
+        lists = {k: [torch.randn(2, 3, 4, 5, dtype=dtype).to(memory_format=torch.channels_last) for _ in range(N)]
+                 for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers")}
+    else:
+        lists = lists_2d("cpu", dtype if not dtype.is_complex else torch.float32)
+        if dtype.is_complex:
+            lists = {k: [torch.complex(t, t.flip(0)) for t in v] for k, v in lists.items()}
+    lists["params"] = [nn.Parameter(p) for p in lists["params"]]
+    assert _fast_check(lists) == -1
+    # state not created yet (a param's first step) is not a defect
+    lists["square_avgs"][BAD] = lists["grad_avgs"][0] = None
+    assert _fast_check(lists) == -1
+    with torch.inference_mode():  # inference tensors may be written inside inference mode
+        inference = {k: [t.clone() if t is not None else None for t in v] for k, v in lists.items()}
+        assert _fast_check(inference) == -1
+
+
+def _bad_at(defect):
+    """lists_2d with `defect` at index BAD, by the names of the catalogues above."""
+    lists = lists_2d("cpu")
+    kind, _, name = defect.partition(":")
+    if kind in ("grads", "square_avgs", "grad_avgs", "momentum_buffers"):
+        lists[kind][BAD] = COMPANION_DEFECTS[name][0](lists[kind][BAD])
+    elif kind == "param":
+        _all_at_bad(lists, PARAM_DEFECTS[name][0])
+    elif defect == "sparse-grad":
+        lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
+    elif defect == "sparse-param":
+        _all_at_bad(lists, lambda t: t.to_sparse())
+    elif defect == "integer-param":
+        _all_at_bad(lists, lambda t: t.round().long())
+    elif defect == "missing-grad":
+        lists["grads"][BAD] = None
+    elif defect in ("inference-param", "inference-state"):
+        with torch.inference_mode():
+            lists["params" if defect == "inference-param" else "momentum_buffers"][BAD] = torch.randn(SHAPE)
+    else:
+        raise AssertionError(defect)
+    return lists
+
+
+FAST_CHECK_DEFECTS = (
+    [f"{target}:{name}" for target in ("grads", "square_avgs", "grad_avgs", "momentum_buffers")
+     for name in COMPANION_DEFECTS if name != "other-device"]
+    + [f"param:{name}" for name in PARAM_DEFECTS]
+    + ["sparse-grad", "sparse-param", "integer-param", "missing-grad", "inference-param", "inference-state"]
+)
+
+
+@pytest.mark.parametrize("defect", FAST_CHECK_DEFECTS)
+def test_fast_check_stops_at_every_input_the_full_checks_refuse(defect):
+    lists = _bad_at(defect)
+    assert _fast_check(lists) == BAD
+    with pytest.raises((InvalidInputError, SparseGradientError, BackendUnavailableError)):
+        call(lists, "auto")  # ... and what it stops at is refused
+
+
+def test_fast_check_leaves_tensor_subclasses_to_the_full_checks():
+    """A subclass (DTensor, say) would route the op to its own __torch_function__, and its rules
+    are the full checks' business: the Python side sends every param there."""
+
+    class Tagged(torch.Tensor):
+        pass
+
+    lists = lists_2d("cpu")
+    lists["grads"][BAD] = lists["grads"][BAD].as_subclass(Tagged)
+    assert _fast_check(lists) == 0
+
+
+def test_fast_check_leaves_dtypes_without_a_compiled_kernel_to_the_full_checks():
+    """float8 is floating point, but only the reference backend takes it: backend selection, after
+    the full checks, decides."""
+    lists = lists_2d("cpu")
+    _all_at_bad(lists, lambda t: t.to(torch.float8_e4m3fn))
+    assert _fast_check(lists) == BAD
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("defect", [
     "dtype", "shape", "strides", "gaps", "sparse-grad",
