@@ -15,8 +15,10 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _round(x: float, dtype: torch.dtype) -> float:
-    """x rounded to dtype (host arithmetic, no device involved)."""
+def round_to_dtype(x: float, dtype: torch.dtype) -> float:
+    """x rounded to dtype as static_cast<dtype>(double) rounds it: to nearest even, inf beyond the
+    largest finite value (host arithmetic, no device involved). The Triton backend rounds its
+    float32 scalars with this too."""
     return torch.tensor(x, dtype=dtype).item()
 
 
@@ -35,9 +37,9 @@ def rmsprop_reference(
         grad_scale = grad_scale.to(device=device, dtype=opmath)
     skip = None if found_inf is None else (found_inf.to(device) != 0)
     # grad_avg.lerp_(g, 1 - alpha) with the weight and 1 - weight rounded to opmath, as torch does
-    lerp_weight = _round(1 - alpha, opmath)
+    lerp_weight = round_to_dtype(1 - alpha, opmath)
     lerp_weight_small = abs(lerp_weight) < 0.5
-    lerp_one_minus_weight = _round(1 - lerp_weight, opmath)
+    lerp_one_minus_weight = round_to_dtype(1 - lerp_weight, opmath)
 
     for i, param in enumerate(params):
         p = param.to(opmath)

@@ -35,7 +35,6 @@ TRITON_INTERPRET=1 when this module is imported (when `triton.jit` builds the ke
 
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
 import functools
@@ -43,6 +42,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from ._reference import round_to_dtype
 
 try:
     import triton
@@ -301,10 +302,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def _float32(x: float) -> float:
-    """x rounded to the nearest float32, as static_cast<float>(double) rounds it (overflow gives
-    inf): array('f') stores through a C float cast."""
-    return array.array("f", [x])[0]
+_float32 = functools.partial(round_to_dtype, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=64)

@@ -324,7 +324,7 @@ def test_unavailable_reasons(monkeypatch):
     assert "not meta tensors" in triton_backend.unavailable_reason(torch.device("meta"))
 
     def fresh_module():
-        spec = importlib.util.spec_from_file_location("_fresh_triton_backend", triton_backend.__file__)
+        spec = importlib.util.spec_from_file_location("rmsprop_fused._fresh_triton_backend", triton_backend.__file__)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
