@@ -293,8 +293,8 @@ def apply_checked(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr
 
 
 def _one_group(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum) -> Optional[dict]:
-    """The usual case, without a loop in Python: real params of plain types, all of one device
-    and dtype, are one group as they are. None otherwise."""
+    """The usual case: real params of plain types, all of one device and dtype, are one group,
+    and the lists go to the backend as they are (no per-tensor list building). None otherwise."""
     if not params or not _PLAIN_TYPES.issuperset(map(type, params)):
         return None
     kinds = {(p.device, p.dtype) for p in params}

@@ -17,6 +17,7 @@ __all__ = ["FusedRMSprop"]
 # The state keys of torch.optim.RMSprop, by the functional's list names.
 _STATE_KEY = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
 _NO_STATE: dict = {}
+_OUR_DEFAULTS = {"eps_in_sqrt": False, "initial_scale": 0.0, "lr_in_momentum": False, "backend": "auto"}
 
 
 class _Gathered(NamedTuple):
@@ -32,7 +33,6 @@ class _Gathered(NamedTuple):
     def lacks_state(self) -> bool:
         lists = (self.steps, *self.state_lists.values())
         return any(t is None for tensors in lists for t in tensors)
-_OUR_DEFAULTS = {"eps_in_sqrt": False, "initial_scale": 0.0, "lr_in_momentum": False, "backend": "auto"}
 
 
 class FusedRMSprop(Optimizer):
@@ -163,7 +163,7 @@ class FusedRMSprop(Optimizer):
         if group.get("differentiable"):
             raise ValueError("FusedRMSprop does not support differentiable=True (a group loaded from torch.optim.RMSprop?)")
 
-    def _gather(self, group_index: int, group: dict) -> "_Gathered":
+    def _gather(self, group_index: int, group: dict) -> _Gathered:
         """The params of a group that have a grad, with their grads and the state lists the step
         uses (None where state is not created yet), all checked. Creates nothing: a refused step
         must leave the optimizer as it was."""
