@@ -262,6 +262,37 @@ def test_fast_check_stops_at_every_input_the_full_checks_refuse(defect):
         call(lists, "auto")  # ... and what it stops at is refused
 
 
+def test_full_checks_run_only_from_the_first_irregular_param(monkeypatch):
+    """The point of the fast check: a step of plain params runs no per-param Python checks, and
+    one irregular param costs the full checks from that param on."""
+    from rmsprop_fused import _extension, functional, optimizer
+
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast check is compiled: {_extension.load_error}")
+    checked = []
+
+    def recording(check):
+        def check_param(index, *args, **kwargs):
+            checked.append(index)
+            return check(index, *args, **kwargs)
+        return check_param
+
+    monkeypatch.setattr(optimizer, "check_param", recording(optimizer.check_param))
+    monkeypatch.setattr(functional, "check_param", recording(functional.check_param))
+    params = [nn.Parameter(torch.randn(SHAPE)) for _ in range(N)]
+    opt = FusedRMSprop(params, momentum=0.9, centered=True)
+    for _ in range(2):  # the first step creates the state, the second reads it
+        for p in params:
+            p.grad = torch.randn(SHAPE)
+        opt.step()
+    assert checked == []
+
+    lists = lists_2d("cpu")
+    _all_at_bad(lists, lambda t: t.to(torch.float8_e4m3fn))  # irregular, and accepted (reference backend)
+    call(lists, "auto")
+    assert checked == [BAD]
+
+
 def test_fast_check_leaves_tensor_subclasses_to_the_full_checks():
     """A subclass (DTensor, say) would route the op to its own __torch_function__, and its rules
     are the full checks' business: the Python side sends every param there."""
