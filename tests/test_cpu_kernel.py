@@ -121,6 +121,28 @@ def _update_loop_functions():
     return {k: "\n".join(v) for k, v in functions.items()}
 
 
+def _prefetching_loop(code: str):
+    """The instructions of the loop that holds the first prefetch: from the target of the backward
+    jump that closes it to that jump (objdump lines "addr:\tmnemonic operands"); None if none."""
+    lines = code.splitlines()
+
+    def address(line):
+        return int(line.split(":", 1)[0], 16)
+
+    first = next((i for i, line in enumerate(lines) if "prefetcht0" in line), None)
+    if first is None:
+        return None
+    loop_entry = address(lines[first])
+    for end in range(first, len(lines)):
+        fields = lines[end].split("\t")
+        if len(fields) >= 2 and fields[1].startswith("j") and "<" in lines[end]:
+            target = int(fields[1].split()[1], 16)
+            if target <= loop_entry:  # the back edge
+                start = next(i for i, line in enumerate(lines) if ":" in line and address(line) >= target)
+                return lines[start:end + 1]
+    return None
+
+
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
 def test_every_inner_loop_is_vectorised_including_sqrt():
     """The loop is compute-bound on 4-wide SSE2 sqrt and division, so it is cloned for x86-64-v3
@@ -138,8 +160,16 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
         packed = [line for line in code.splitlines() if f"sqrt{opmath}" in line and width in line]
         assert packed, f"{name}: no sqrt{opmath} on {width}: the loop is not vectorised"
         assert not [l for l in code.splitlines() if "call" in l and "sqrt" in l], f"{name}: calls sqrt"
-        # a software prefetch per stream: p, grad, square_avg, and grad_avg / momentum_buffer when used
+        # The main loop, which carries the prefetches (a line of each stream at a time), is where
+        # nearly all elements go: it must prefetch every stream (p, grad, square_avg, and
+        # grad_avg / momentum_buffer when used) and be vectorised itself, not only the remainder loop.
         _, centered, momentum = name.split("update_range<", 1)[1].split(", ")[:3]
         streams = 3 + (centered == "true") + (momentum == "true")
-        prefetches = [line for line in code.splitlines() if "prefetcht0" in line]
+        body = _prefetching_loop(code)
+        assert body is not None, f"{name}: no loop with software prefetches"
+        prefetches = [line for line in body if "prefetcht0" in line]
         assert len(prefetches) >= streams, f"{name}: {len(prefetches)} prefetches for {streams} streams"
+        assert [line for line in body if f"sqrt{opmath}" in line and width in line], (
+            f"{name}: the prefetching main loop has no sqrt{opmath} on {width}: it is not vectorised"
+        )
+        assert not [line for line in body if f"sqrts{opmath[1]}" in line], f"{name}: scalar sqrt in the main loop"
