@@ -32,14 +32,15 @@ bool is_supported_dtype(at::ScalarType dtype) {
   }
 }
 
-// The fast path of the Python checks (functional.check_params): the index of the first param
+// The fast path of the Python checks (functional.check_param): the index of the first param
 // that is not plainly acceptable, or -1. Plainly acceptable: a strided, dense, real or complex
-// param of a supported dtype that has data and may be written here, a grad and whatever state
-// it already has (None: not created yet) of its dtype, shape, device and memory layout, and state
-// that may be written. One C++ pass over all params costs well under a microsecond each, where
-// reading these attributes from Python cost several. For an irregular param the Python checks run
-// and say what is wrong, or accept what this does not cover. Callers pass plain torch.Tensor
-// and nn.Parameter objects only: a tensor subclass would dispatch this op to its own handler.
+// param of a supported dtype that has data, is no conjugate or negative view and may be written
+// here; a grad, and whatever state it already has (None: not created yet), of its dtype, shape,
+// device and memory layout (companion_matches, which the kernels' own checks use); state that may
+// be written. One C++ pass over all params costs well under a microsecond each, where reading
+// these attributes from Python cost several. For an irregular param the Python checks run and say
+// what is wrong, or accept what this does not cover. Callers pass plain torch.Tensor and
+// nn.Parameter objects only: a tensor subclass would dispatch this op to its own handler.
 // Companion lists are empty when unused (grad_avgs unless centered, say).
 int64_t first_irregular(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
                         const c10::List<std::optional<at::Tensor>>& square_avgs,
@@ -54,7 +55,7 @@ int64_t first_irregular(at::TensorList params, const c10::List<std::optional<at:
     const at::Tensor& param = params[i];
     if (!param.defined() || param.layout() != c10::kStrided || param.is_meta() ||
         !is_supported_dtype(param.scalar_type()) || !param.is_non_overlapping_and_dense() ||
-        !writable(param)) {
+        !is_resolved(param) || !writable(param)) {
       return i;
     }
     const std::optional<at::Tensor> grad = grads[i];

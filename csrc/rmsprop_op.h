@@ -37,11 +37,15 @@ inline bool same_memory_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+// A conjugate or negative view keeps the original values in memory and a flag to apply on
+// reading; a kernel that updates memory would lose the flag.
+inline bool is_resolved(const at::Tensor& t) { return !t.is_conj() && !t.is_neg(); }
+
 // What check_companion requires of a grad or state tensor, as a predicate.
 inline bool companion_matches(const at::Tensor& param, const at::Tensor& t) {
   return t.defined() && t.layout() == c10::kStrided && t.device() == param.device() &&
          t.scalar_type() == param.scalar_type() && t.sizes() == param.sizes() &&
-         same_memory_layout(param, t);
+         same_memory_layout(param, t) && is_resolved(t);
 }
 
 inline void check_companion(const at::Tensor& param, const at::Tensor& t, const char* list,
@@ -59,6 +63,8 @@ inline void check_companion(const at::Tensor& param, const at::Tensor& t, const 
               t.sizes(), " but params[", i, "] has shape ", param.sizes());
   TORCH_CHECK(same_memory_layout(param, t), "rmsprop_fused: ", list, "[", i, "] has strides ",
               t.strides(), " but params[", i, "] has strides ", param.strides());
+  TORCH_CHECK(is_resolved(t), "rmsprop_fused: ", list, "[", i,
+              "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
 }
 
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
@@ -109,6 +115,8 @@ inline void check_op_args(const TensorLists& l, bool centered, double momentum,
                 "rmsprop_fused: params[", i, "] is ", p.scalar_type(), " on ", p.device(),
                 " but params[0] is ", dtype, " on ", first.device(),
                 "; one call updates one (device, dtype) group");
+    TORCH_CHECK(is_resolved(p), "rmsprop_fused: params[", i,
+                "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "rmsprop_fused: params[", i,
                 "] is not dense (strides ", p.strides(), " for shape ", p.sizes(),
                 "): the fused update needs non-overlapping, gap-free memory");

@@ -16,9 +16,9 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def round_to_dtype(x: float, dtype: torch.dtype) -> float:
-    """x rounded to dtype as static_cast<dtype>(double) rounds it: to nearest even, inf beyond the
-    largest finite value (host arithmetic, no device involved). The Triton backend rounds its
-    float32 scalars with this too."""
+    """x rounded to float32 or float64 as static_cast from double rounds it: to nearest even, inf
+    beyond the largest finite value (host arithmetic, no device involved). The Triton backend
+    rounds its float32 scalars with this too."""
     return torch.tensor(x, dtype=dtype).item()
 
 

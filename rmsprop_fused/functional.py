@@ -103,10 +103,23 @@ def _label(index: int, name: str, where: Optional[tuple]) -> str:
     return f"param group {group_index}, param {param_index}: {_OPTIMIZER_LABELS[name]}"
 
 
+def _check_resolved(index: int, label: str, t: Tensor) -> None:
+    """A conjugate or negative view (torch.conj, torch._neg_view) keeps the original values in
+    memory and a flag to apply on reading; the kernels update memory, so the flag would be lost.
+    (Not while torch.compile traces: Dynamo cannot trace is_conj() or is_neg().)"""
+    if torch.compiler.is_compiling():
+        return
+    if t.is_conj():
+        raise InvalidInputError(index, f"{label} is a conjugate view (torch.conj); materialise it with .resolve_conj()")
+    if t.is_neg():
+        raise InvalidInputError(index, f"{label} is a negative view; materialise it with .resolve_neg()")
+
+
 def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool, where: Optional[tuple]) -> None:
     label = _label(index, name, where)
     if not isinstance(t, Tensor):
         raise InvalidInputError(index, f"{label} is a {type(t).__name__}, not a tensor")
+    _check_resolved(index, label, t)
     if t.layout != torch.strided:
         if name == "grads":
             raise SparseGradientError(index, f"RMSprop does not support sparse gradients ({label} has layout {t.layout})")
@@ -137,7 +150,8 @@ def _check_writable(index: int, label: str, t: Tensor) -> None:
         )
 
 
-_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None)))
+_PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+_PLAIN_TENSOR_TYPES_OR_NONE = _PLAIN_TENSOR_TYPES | {type(None)}
 
 
 def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffers=()) -> int:
@@ -153,10 +167,12 @@ def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffer
         return -1
     if _extension.load_error is not None or torch.compiler.is_compiling():
         return 0
-    lists = (params, grads, square_avgs, grad_avgs, momentum_buffers)
-    if not all(_PLAIN_TYPES.issuperset(map(type, tensors)) for tensors in lists):
+    if not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
         return 0
-    return torch.ops.rmsprop_fused.first_irregular(*lists)
+    companions = (grads, square_avgs, grad_avgs, momentum_buffers)
+    if not all(_PLAIN_TENSOR_TYPES_OR_NONE.issuperset(map(type, tensors)) for tensors in companions):
+        return 0
+    return torch.ops.rmsprop_fused.first_irregular(params, *companions)
 
 
 def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,
@@ -179,6 +195,7 @@ def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentu
     if not (param.is_floating_point() or param.is_complex()):
         raise InvalidInputError(index, f"{name} has dtype {param.dtype}; RMSprop updates floating-point params")
     _check_writable(index, name, param)
+    _check_resolved(index, name, param)
     _check_companion(index, "grads", param, grad, as_state=False, where=where)
     if not _is_dense(param):
         raise InvalidInputError(
@@ -212,6 +229,15 @@ def _check_lists(params, grads, square_avgs, grad_avgs, momentum_buffers, center
         if len(got) != want:
             why = {"grad_avgs": f" (centered={centered})", "momentum_buffers": f" (momentum={momentum})"}.get(name, "")
             raise ValueError(f"got {len(got)} {name} for {n} params{why}; expected {want}")
+    # check_param reads None as state not created yet (the optimizer creates it after the checks);
+    # the functional form creates nothing, so it needs every state tensor.
+    for name, states in zip(STATE_NAMES, (square_avgs, grad_avgs, momentum_buffers)):
+        missing = next((i for i, t in enumerate(states) if t is None), None)
+        if missing is not None:
+            raise InvalidInputError(
+                missing, f"{name}[{missing}] is None: the functional form needs every state tensor "
+                "(zeros before the first step, as torch.optim.RMSprop creates them)"
+            )
 
 
 def _check_scalar_tensor(name: str, t) -> None:
@@ -257,11 +283,12 @@ def rmsprop(
     first = first_irregular(
         params, grads, square_avgs, grad_avgs if centered else (), momentum_buffers if momentum > 0 else ()
     )
-    for i in range(first, len(params) if first >= 0 else 0):
-        check_param(
-            i, params[i], grads[i], square_avgs[i],
-            grad_avgs[i] if centered else None, momentum_buffers[i] if momentum > 0 else None,
-        )
+    if first >= 0:
+        for i in range(first, len(params)):
+            check_param(
+                i, params[i], grads[i], square_avgs[i],
+                grad_avgs[i] if centered else None, momentum_buffers[i] if momentum > 0 else None,
+            )
     _check_scalar_tensor("grad_scale", grad_scale)
     _check_scalar_tensor("found_inf", found_inf)
     apply_checked(
@@ -295,8 +322,8 @@ def apply_checked(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr
 def _one_group(params, grads, square_avgs, grad_avgs, momentum_buffers, centered, momentum) -> Optional[dict]:
     """The usual case: real params of plain types, all of one device and dtype, are one group,
     and the lists go to the backend as they are (no per-tensor list building). None otherwise."""
-    if not params or not _PLAIN_TYPES.issuperset(map(type, params)):
-        return None
+    if not params or torch.compiler.is_compiling() or not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
+        return None  # (Dynamo traces the per-tensor grouping of any torch; sets of types, not before 2.6)
     kinds = {(p.device, p.dtype) for p in params}
     if len(kinds) != 1:
         return None

@@ -246,7 +246,7 @@ class FusedRMSprop(Optimizer):
                 for p in members.params:
                     self._init_state(p, self.state[p], group)
                 steps, state_lists = self._state(group, members.params)
-                gathered[index] = members._replace(steps=steps, state_lists=state_lists)
+                gathered[index] = _Gathered(members.params, members.grads, steps, state_lists)
 
         for group, members in zip(self.param_groups, gathered):
             if not members.params:

@@ -74,7 +74,7 @@ def bits(t):
         return ("meta", tuple(t.shape), t.dtype)
     if t.layout != torch.strided:
         t = t.to_dense()
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # the values a reader sees, for lazy views too
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.cpu().clone().contiguous().view(_INT_OF_SIZE[t.element_size()])

@@ -61,6 +61,8 @@ COMPANION_DEFECTS = {
     "shape": (lambda t: t.reshape(SHAPE[::-1]).clone(), r"is float32 \(6, 4\)"),
     # Same shape and values, transposed memory: element i of the param is not element i of this.
     "strides": (lambda t: t.t().contiguous().t(), r"has strides \(1, 4\) but the param has strides \(6, 1\)"),
+    # Memory holds -x and a flag says to negate on reading: a kernel writing memory loses the flag.
+    "negative-view": (lambda t: torch._neg_view(t.neg()), r"is a negative view"),
 }
 
 
@@ -168,6 +170,43 @@ def test_functional_refuses_invalid_hyperparameters_and_changes_nothing(backend,
     with pytest.raises(ValueError, match=re.escape(message)):
         call(lists, backend, **{name: value})
     before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("target", ["params", "grads", "square_avgs", "momentum_buffers"])
+def test_functional_refuses_conjugate_views_and_changes_nothing(backend, device, target):
+    """torch.conj is lazy: memory holds the unconjugated values and a flag says to conjugate on
+    reading. The complex tensors' real views (torch.view_as_real) cannot carry the flag."""
+    require(backend, device, torch.float32)
+    lists = {k: [torch.complex(t, t.flip(0)) for t in v] for k, v in lists_2d(device).items()}
+    if target == "params":
+        _all_at_bad(lists, torch.conj)
+    else:
+        lists[target][BAD] = lists[target][BAD].conj()
+    before = Snapshot.of_lists(lists)
+    with pytest.raises(InvalidInputError, match=re.escape(f"{target}[{BAD}]") + " is a conjugate view"):
+        call(lists, backend)
+    before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_functional_refuses_missing_state_and_a_missing_param(backend):
+    """None is "state not created yet" to the optimizer, which creates it after the checks; the
+    functional form creates nothing, so a None anywhere is an error naming it."""
+    lists = lists_2d("cpu")
+    lists["grad_avgs"][BAD] = None
+    with pytest.raises(InvalidInputError, match=re.escape(f"grad_avgs[{BAD}] is None")):
+        call(lists, backend)
+    lists = lists_2d("cpu")
+    lists["params"][BAD] = None
+    with pytest.raises(InvalidInputError, match=re.escape(f"params[{BAD}] is a NoneType, not a tensor")):
+        call(lists, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_functional_with_empty_lists_does_nothing(backend):
+    rmsprop([], [], [], backend=backend)
+    rmsprop([], [], [], [], [], centered=True, momentum=0.9, backend=backend)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
@@ -285,6 +324,8 @@ def test_full_checks_run_only_from_the_first_irregular_param(monkeypatch):
         for p in params:
             p.grad = torch.randn(SHAPE)
         opt.step()
+    assert checked == []
+    call(lists_2d("cpu"), "auto")
     assert checked == []
 
     lists = lists_2d("cpu")
