@@ -88,7 +88,9 @@ def extensions_and_cmdclass():
     # branches into blends (neither changes a value); -ffp-contract=off (and --fmad=false for nvcc)
     # keeps a * b + c as two roundings, one per operation of the update rule, so that every
     # backend (and every CPU clone) produces the same bits for the same inputs.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    # -fopenmp-simd honours `omp simd` (which the CPU kernel's main loop needs to be vectorised in
+    # float64) without the OpenMP runtime, for builds of torch without OpenMP too.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd"]
     nvcc_flags = ["-O3", "--fmad=false", "-lineinfo"]
     # at::parallel_for is a header template: with ATen's OpenMP backend it only runs in parallel
     # when the extension itself is compiled with OpenMP.

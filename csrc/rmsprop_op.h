@@ -38,7 +38,10 @@ inline bool same_memory_layout(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // A conjugate or negative view keeps the original values in memory and a flag to apply on
-// reading; a kernel that updates memory would lose the flag.
+// reading; a kernel that updates memory would lose the flag. (The op's checks of it are a
+// backstop: the op sees real tensors only, which carry no conjugate flag, and torch's Negative
+// fallback refuses a negative view in a mutable list before any kernel runs. first_irregular,
+// registered for every dispatch key, does see both.)
 inline bool is_resolved(const at::Tensor& t) { return !t.is_conj() && !t.is_neg(); }
 
 // What check_companion requires of a grad or state tensor, as a predicate.

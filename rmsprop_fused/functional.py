@@ -112,7 +112,9 @@ def _check_resolved(index: int, label: str, t: Tensor) -> None:
     if t.is_conj():
         raise InvalidInputError(index, f"{label} is a conjugate view (torch.conj); materialise it with .resolve_conj()")
     if t.is_neg():
-        raise InvalidInputError(index, f"{label} is a negative view; materialise it with .resolve_neg()")
+        raise InvalidInputError(
+            index, f"{label} is a negative view (as x.conj().imag is); materialise it with .resolve_neg()"
+        )
 
 
 def _check_companion(index: int, name: str, param: Tensor, t, *, as_state: bool, where: Optional[tuple]) -> None:

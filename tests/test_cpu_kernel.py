@@ -121,10 +121,30 @@ def _update_loop_functions():
     return {k: "\n".join(v) for k, v in functions.items()}
 
 
+_JUMP_PREFIXES = ("bnd", "notrack", "ds", "cs")
+
+
+def _jump_target(line: str):
+    """The target address of a direct jump in an objdump line ("addr:\tjne    1234 <f+0x56>"),
+    else None (other instructions, indirect jumps "jmp *%rax")."""
+    fields = line.split("\t")
+    if len(fields) < 2:
+        return None
+    words = fields[1].split()
+    while words and words[0] in _JUMP_PREFIXES:
+        words = words[1:]
+    if len(words) < 2 or not words[0].startswith("j") or words[1].startswith("*"):
+        return None
+    try:
+        return int(words[1], 16)
+    except ValueError:
+        return None
+
+
 def _prefetching_loop(code: str):
-    """The instructions of the loop that holds the first prefetch: from the target of the backward
-    jump that closes it to that jump (objdump lines "addr:\tmnemonic operands"); None if none."""
-    lines = code.splitlines()
+    """The instructions of the loop that holds the function's first prefetch: from the target of
+    the backward jump that closes it to that jump; None if there is none."""
+    lines = [line for line in code.splitlines() if ":\t" in line]
 
     def address(line):
         return int(line.split(":", 1)[0], 16)
@@ -132,15 +152,28 @@ def _prefetching_loop(code: str):
     first = next((i for i, line in enumerate(lines) if "prefetcht0" in line), None)
     if first is None:
         return None
-    loop_entry = address(lines[first])
+    function_start, loop_entry = address(lines[0]), address(lines[first])
     for end in range(first, len(lines)):
-        fields = lines[end].split("\t")
-        if len(fields) >= 2 and fields[1].startswith("j") and "<" in lines[end]:
-            target = int(fields[1].split()[1], 16)
-            if target <= loop_entry:  # the back edge
-                start = next(i for i, line in enumerate(lines) if ":" in line and address(line) >= target)
-                return lines[start:end + 1]
+        target = _jump_target(lines[end])
+        if target is not None and function_start <= target <= loop_entry:  # the back edge
+            start = next(i for i, line in enumerate(lines) if address(line) >= target)
+            return lines[start:end + 1]
     return None
+
+
+def test_the_loop_finder_reads_objdump_jumps():
+    code = "\n".join([
+        "  100:\tmov    %rdi,%rax",
+        "  104:\tprefetcht0 (%rdx)",
+        "  108:\tjmp    *0x2fe2(%rip)        # 4018 <g@GLIBC>",
+        "  10e:\tjb     80 <elsewhere>",        # backwards, but out of the function
+        "  110:\tvsqrtps %zmm1,%zmm1",
+        "  116:\tbnd jne 104 <f+0x4>",         # the back edge
+        "  11a:\tret",
+    ])
+    body = _prefetching_loop(code)
+    assert [line.split(":")[0].strip() for line in body] == ["104", "108", "10e", "110", "116"]
+    assert _prefetching_loop(code.replace("prefetcht0", "nop")) is None
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")

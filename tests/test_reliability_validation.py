@@ -99,6 +99,7 @@ PARAM_DEFECTS = {
                 r"params\[2\] is not dense \(shape \(4, 6\), strides \(0, 1\)\)"),
     "meta": (lambda t: torch.empty(SHAPE, dtype=t.dtype, device="meta"), InvalidInputError,
              r"params\[2\] is on the meta device"),
+    "negative-view": (COMPANION_DEFECTS["negative-view"][0], InvalidInputError, r"params\[2\] is a negative view"),
 }
 
 
@@ -360,6 +361,9 @@ def test_fast_check_leaves_dtypes_without_a_compiled_kernel_to_the_full_checks()
     # The Meta dispatch key outranks CPU and CUDA: one meta tensor among real ones sends the call
     # to the fake implementation registered in _extension.py, which returns without a word.
     "meta-device",
+    # torch's Negative fallback refuses a mutable list holding a negative view before any kernel
+    # (the op's own check of it, in csrc/rmsprop_op.h, is a backstop)
+    "negative-view",
 ])
 def test_compiled_op_checks_everything_before_writing(backend, defect):
     """The C++ op is a public entry too (torch.ops.rmsprop_fused.rmsprop_, torch.compile calls it
@@ -367,7 +371,10 @@ def test_compiled_op_checks_everything_before_writing(backend, defect):
     device = backend
     require(backend, device, torch.float32)
     lists = lists_2d(device)
-    if defect in COMPANION_DEFECTS:
+    if defect == "negative-view":
+        lists["momentum_buffers"][BAD] = COMPANION_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
+        where = None
+    elif defect in COMPANION_DEFECTS:
         lists["momentum_buffers"][BAD] = COMPANION_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
         where = f"momentum_buffers[{BAD}]"
     elif defect == "gaps":
@@ -377,7 +384,8 @@ def test_compiled_op_checks_everything_before_writing(backend, defect):
         lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
         where = None  # the dispatcher refuses it first ("Could not run ... 'SparseCPU' backend")
     before = Snapshot.of_lists(lists)
-    with pytest.raises(RuntimeError, match=re.escape(where) if where else "Sparse"):
+    refusal = re.escape(where) if where else ("negation" if defect == "negative-view" else "Sparse")
+    with pytest.raises(RuntimeError, match=refusal):
         torch.ops.rmsprop_fused.rmsprop_(
             lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
             lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False,
@@ -445,18 +453,19 @@ def test_optimizer_refuses_a_bad_grad_on_other_devices(backend, device, defect):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-@pytest.mark.parametrize("defect", ["gaps", "overlap"])
-def test_optimizer_refuses_a_non_dense_param_on_every_backend(backend, device, defect):
-    """tests/test_errors.py checks this with backend="auto" and a single param; here every backend,
-    after a step (state exists for the other params) and with the bad param last."""
+@pytest.mark.parametrize("defect, message", [("gaps", "is not dense"), ("overlap", "is not dense"),
+                                             ("negative-view", "is a negative view")])
+def test_optimizer_refuses_an_unusable_param_on_every_backend(backend, device, defect, message):
+    """tests/test_errors.py checks density with backend="auto" and a single param; here every
+    backend, after a step (state exists for the other params) and with the bad param last."""
     require(backend, device, torch.float32)
     opt, (a, b, c, d) = trained_optimizer(backend, device)
     make = PARAM_DEFECTS[defect][0]
     bad = nn.Parameter(make(d.detach()))
-    bad.grad = make(d.grad)  # same layout as the param, so density is what fails
+    bad.grad = make(d.grad)  # the same defect as the param, so the param's own check is what fails
     opt.param_groups[1]["params"][1] = bad
     opt.state.pop(d)
-    refused_step_changes_nothing(opt, InvalidInputError, "param group 1, param 1: param is not dense")
+    refused_step_changes_nothing(opt, InvalidInputError, f"param group 1, param 1: param {message}")
     assert bad not in opt.state
 
 

@@ -110,7 +110,7 @@ RMSPROP_CPU_CLONES void update_range(storage_t* __restrict__ param, storage_t* _
   // prefetches stop where they would leave the range. The inner loop runs over a constant kLine
   // elements, whole vectors without a remainder. GCC unrolls so short a loop completely before its
   // loop vectoriser runs, and what is left to its straight-line vectoriser stayed scalar for
-  // float64: `omp simd` (honoured under -fopenmp) has it vectorised as a loop in every variant.
+  // float64: `omp simd` (setup.py passes -fopenmp-simd) has it vectorised as a loop in every variant.
   int64_t i = begin;
   for (; i + kAhead + kLine <= end; i += kLine) {
     prefetch_ahead(param, i);
