@@ -116,25 +116,34 @@ def test_functional_refuses_an_unusable_param_and_changes_nothing(backend, devic
     before.assert_unchanged(Snapshot.of_lists(lists))
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-@pytest.mark.parametrize("defect, message", [
-    ("sparse-grad", r"RMSprop does not support sparse gradients \(grads\[2\] has layout torch.sparse_coo\)"),
-    ("sparse-param", r"params\[2\] has layout torch.sparse_coo; only strided params are supported"),
-    ("integer-param", r"params\[2\] has dtype torch.int64; RMSprop updates floating-point params"),
-    # [p.grad for p in params] with a param that got no gradient this step
-    ("missing-grad", r"grads\[2\] is a NoneType, not a tensor"),
-])
-def test_functional_refuses_other_bad_tensors_and_changes_nothing(backend, device, defect, message):
-    require(backend, device, torch.float32)
-    lists = lists_2d(device)
+# Other unusable inputs, by name; _spoil puts one at index BAD.
+OTHER_DEFECTS = ("sparse-grad", "sparse-param", "integer-param", "missing-grad")
+
+
+def _spoil(lists, defect):
     if defect == "sparse-grad":
         lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
     elif defect == "sparse-param":
         _all_at_bad(lists, lambda t: t.to_sparse())
     elif defect == "integer-param":
         _all_at_bad(lists, lambda t: t.round().long())
-    else:
+    elif defect == "missing-grad":  # [p.grad for p in params] with a param that got no gradient
         lists["grads"][BAD] = None
+    else:
+        raise AssertionError(defect)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+@pytest.mark.parametrize("defect, message", [
+    ("sparse-grad", r"RMSprop does not support sparse gradients \(grads\[2\] has layout torch.sparse_coo\)"),
+    ("sparse-param", r"params\[2\] has layout torch.sparse_coo; only strided params are supported"),
+    ("integer-param", r"params\[2\] has dtype torch.int64; RMSprop updates floating-point params"),
+    ("missing-grad", r"grads\[2\] is a NoneType, not a tensor"),
+])
+def test_functional_refuses_other_bad_tensors_and_changes_nothing(backend, device, defect, message):
+    require(backend, device, torch.float32)
+    lists = lists_2d(device)
+    _spoil(lists, defect)
     before = Snapshot.of_lists(lists)
     expected = SparseGradientError if defect == "sparse-grad" else InvalidInputError
     with pytest.raises(expected, match=message):
@@ -270,14 +279,8 @@ def _bad_at(defect):
         lists[kind][BAD] = COMPANION_DEFECTS[name][0](lists[kind][BAD])
     elif kind == "param":
         _all_at_bad(lists, PARAM_DEFECTS[name][0])
-    elif defect == "sparse-grad":
-        lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
-    elif defect == "sparse-param":
-        _all_at_bad(lists, lambda t: t.to_sparse())
-    elif defect == "integer-param":
-        _all_at_bad(lists, lambda t: t.round().long())
-    elif defect == "missing-grad":
-        lists["grads"][BAD] = None
+    elif defect in OTHER_DEFECTS:
+        _spoil(lists, defect)
     elif defect in ("inference-param", "inference-state"):
         with torch.inference_mode():
             lists["params" if defect == "inference-param" else "momentum_buffers"][BAD] = torch.randn(SHAPE)
@@ -290,7 +293,7 @@ FAST_CHECK_DEFECTS = (
     [f"{target}:{name}" for target in ("grads", "square_avgs", "grad_avgs", "momentum_buffers")
      for name in COMPANION_DEFECTS if name != "other-device"]
     + [f"param:{name}" for name in PARAM_DEFECTS]
-    + ["sparse-grad", "sparse-param", "integer-param", "missing-grad", "inference-param", "inference-state"]
+    + list(OTHER_DEFECTS) + ["inference-param", "inference-state"]
 )
 
 
