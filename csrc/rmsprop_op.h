@@ -1,30 +1,57 @@
-// Argument checking shared by every implementation of rmsprop_fused::rmsprop_ (CPU, CUDA and the
-// host build of the CUDA kernel). Everything is checked before anything is written: a refused
-// call leaves every tensor as it was.
+// The argument checks every implementation of rmsprop_fused::rmsprop_ (CPU, CUDA, the host build
+// of the CUDA kernel) runs before it writes anything: a refused call leaves every tensor as it
+// was. The arguments are in step_args.h, the schema in rmsprop_op.cpp; docs/DESIGN.md section 2
+// explains them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "blockwise_quant.h"
+#include "step_args.h"
 
 namespace rmsprop_fused {
 
-// The op's tensor arguments. grad_avgs is empty unless centered, momentum_buffers is empty
-// unless momentum > 0 (torch.optim.RMSprop's state has the same shape).
-struct TensorLists {
-  at::TensorList params;
-  at::TensorList grads;
-  at::TensorList square_avgs;
-  at::TensorList grad_avgs;
-  at::TensorList momentum_buffers;
-  bool centered() const { return !grad_avgs.empty(); }
-  bool has_momentum() const { return !momentum_buffers.empty(); }
-  int64_t depth() const { return 3 + (centered() ? 1 : 0) + (has_momentum() ? 1 : 0); }
-};
+// The dtypes the kernels compute on, and the state dtypes each can keep.
+inline bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+         dtype == at::kBFloat16;
+}
+
+inline bool is_supported_state_dtype(at::ScalarType param, at::ScalarType state) {
+  if (state == param) return is_kernel_dtype(param);
+  switch (state) {
+    case at::kFloat: return param == at::kHalf || param == at::kBFloat16;
+    case at::kBFloat16: return param == at::kFloat || param == at::kHalf;
+    case at::kByte: return param == at::kFloat || param == at::kHalf || param == at::kBFloat16;
+    default: return false;
+  }
+}
+
+// The number of 256-element blocks (and so of scales) of an 8-bit state tensor of `numel`.
+inline int64_t quant_blocks(int64_t numel) {
+  return (numel + quantization::kQuantBlock - 1) / quantization::kQuantBlock;
+}
+
+// The dtype of a param's state for a requested state dtype (none: the param's own): uint8 codes
+// for 8-bit state, except below `min_quantized_numel` elements, which keep float32 (FusedRMSprop
+// passes kMinQuantizedNumel: biases and norms stay float32, as in bitsandbytes and torchao; the
+// functional form 0, taking 8-bit state of any size). rmsprop_fused/_quantization.py mirrors it.
+inline at::ScalarType expected_state_dtype(const at::Tensor& param,
+                                           std::optional<at::ScalarType> requested,
+                                           int64_t min_quantized_numel) {
+  if (!requested.has_value()) return param.scalar_type();
+  if (*requested == at::kByte && param.numel() < min_quantized_numel) return at::kFloat;
+  return *requested;
+}
 
 // Two dense tensors of the same shape put element i at the same flat offset iff their strides
 // agree on every dimension of size > 1.
@@ -44,30 +71,52 @@ inline bool same_memory_layout(const at::Tensor& a, const at::Tensor& b) {
 // registered for every dispatch key, does see both.)
 inline bool is_resolved(const at::Tensor& t) { return !t.is_conj() && !t.is_neg(); }
 
-// What check_companion requires of a grad or state tensor, as a predicate.
-inline bool companion_matches(const at::Tensor& param, const at::Tensor& t) {
+// What check_companion requires of a grad (dtype = the param's) or a state tensor (dtype = the
+// call's state dtype), as a predicate.
+inline bool companion_matches(const at::Tensor& param, const at::Tensor& t, at::ScalarType dtype) {
   return t.defined() && t.layout() == c10::kStrided && t.device() == param.device() &&
-         t.scalar_type() == param.scalar_type() && t.sizes() == param.sizes() &&
-         same_memory_layout(param, t) && is_resolved(t);
+         t.scalar_type() == dtype && t.sizes() == param.sizes() && same_memory_layout(param, t) &&
+         is_resolved(t);
 }
 
-inline void check_companion(const at::Tensor& param, const at::Tensor& t, const char* list,
-                            size_t i) {
-  if (companion_matches(param, t)) return;
+// What check_scale and check_step require, as predicates.
+inline bool scale_matches(const at::Tensor& state, const at::Tensor& scale) {
+  return scale.defined() && scale.layout() == c10::kStrided && scale.device() == state.device() &&
+         scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+         scale.numel() == quant_blocks(state.numel()) && scale.is_contiguous();
+}
+
+inline bool step_matches(const at::Tensor& param, const at::Tensor& step) {
+  return step.defined() && step.layout() == c10::kStrided && step.device() == param.device() &&
+         step.scalar_type() == at::kFloat && step.numel() == 1;
+}
+
+inline void check_companion(const at::Tensor& param, const at::Tensor& t, at::ScalarType dtype,
+                            const char* list, size_t i) {
+  if (companion_matches(param, t, dtype)) return;
   TORCH_CHECK(t.defined(), "rmsprop_fused: ", list, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == c10::kStrided, "rmsprop_fused: ", list, "[", i,
               "] has layout ", t.layout(), "; RMSprop does not support sparse gradients");
   TORCH_CHECK(t.device() == param.device(), "rmsprop_fused: ", list, "[", i, "] is on ",
               t.device(), " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), "rmsprop_fused: ", list, "[", i,
-              "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
-              param.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, "rmsprop_fused: ", list, "[", i, "] has dtype ",
+              t.scalar_type(), " but this call's ", list, " are ", dtype);
   TORCH_CHECK(t.sizes() == param.sizes(), "rmsprop_fused: ", list, "[", i, "] has shape ",
               t.sizes(), " but params[", i, "] has shape ", param.sizes());
   TORCH_CHECK(same_memory_layout(param, t), "rmsprop_fused: ", list, "[", i, "] has strides ",
               t.strides(), " but params[", i, "] has strides ", param.strides());
   TORCH_CHECK(is_resolved(t), "rmsprop_fused: ", list, "[", i,
               "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
+}
+
+inline void check_scale(const at::Tensor& state, const at::Tensor& scale, const char* list,
+                        size_t i) {
+  TORCH_CHECK(scale_matches(state, scale), "rmsprop_fused: ", list, "[", i,
+              "] must be a contiguous float32 tensor of ", quant_blocks(state.numel()),
+              " elements (one per 256 of the state's ", state.numel(), ") on ", state.device(),
+              ", got ", scale.defined() ? scale.toString() : std::string("undefined"), " ",
+              scale.defined() ? scale.sizes() : c10::IntArrayRef{}, " with strides ",
+              scale.defined() ? scale.strides() : c10::IntArrayRef{});
 }
 
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
@@ -81,34 +130,117 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
               " but the params are on ", device);
 }
 
-// Checks that the lists describe one (device, dtype) group of dense, matching tensors of a
-// supported dtype on `device_type`.
-inline void check_op_args(const TensorLists& l, bool centered, double momentum,
-                          const std::optional<at::Tensor>& lr_tensor,
-                          const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf,
-                          c10::DeviceType device_type) {
+// The name of a tensor of the op's lists, for error messages.
+struct TensorName {
+  const char* list;
+  size_t index;
+};
+
+// Refuses any two of the call's mutable tensors that share memory (a tensor listed twice,
+// p.grad = p, state that is a view of a param, overlapping views): on a GPU two blocks would
+// write the same bytes at once. Every tensor the op writes is dense (checked first), so its bytes
+// are exactly [data_ptr, data_ptr + numel * itemsize), and one sort of those ranges finds any
+// overlap: O(n log n) for n tensors, about 0.2 ms for 10,000 (docs/DESIGN.md section 2).
+inline void check_no_overlap(const TensorLists& lists) {
+  struct Range {
+    uintptr_t begin;
+    uintptr_t end;
+    TensorName name;
+  };
+  const std::pair<const char*, at::TensorList> named[] = {
+      {"params", lists.params},
+      {"grads", lists.grads},
+      {"square_avgs", lists.square_avgs},
+      {"grad_avgs", lists.grad_avgs},
+      {"momentum_buffers", lists.momentum_buffers},
+      {"state_steps", lists.state_steps},
+      {"square_avg_scales", lists.square_avg_scales},
+      {"grad_avg_scales", lists.grad_avg_scales},
+      {"momentum_buffer_scales", lists.momentum_buffer_scales},
+  };
+  std::vector<Range> ranges;
+  for (const auto& [list, tensors] : named) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (t.numel() == 0) continue;  // no memory, nothing to race on
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()),
+                        TensorName{list, i}});
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // Sorted by start, a range overlaps an earlier one iff it starts before the furthest end so far.
+  size_t furthest = 0;
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    TORCH_CHECK(ranges[k].begin >= ranges[furthest].end, "rmsprop_fused: ",
+                ranges[furthest].name.list, "[", ranges[furthest].name.index, "] and ",
+                ranges[k].name.list, "[", ranges[k].name.index,
+                "] share memory; every tensor a step writes must have its own (a tensor listed "
+                "twice, a grad that is its param, a view of another tensor)");
+    if (ranges[k].end > ranges[furthest].end) furthest = k;
+  }
+}
+
+// Checks that the lists describe one (device, param dtype, state dtype) group of dense, matching,
+// non-overlapping tensors of supported dtypes on `device_type`, with consistent options.
+inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
+  const TensorLists& l = args.lists;
+  const Hyperparameters& h = args.hyper;
   const size_t n = l.params.size();
   TORCH_CHECK(l.grads.size() == n && l.square_avgs.size() == n,
               "rmsprop_fused: got ", n, " params, ", l.grads.size(), " grads and ",
               l.square_avgs.size(), " square_avgs; the lists must have equal lengths");
-  TORCH_CHECK(l.grad_avgs.size() == (centered ? n : 0), "rmsprop_fused: got ",
-              l.grad_avgs.size(), " grad_avgs for ", n, " params with centered=", centered);
-  TORCH_CHECK(l.momentum_buffers.size() == (momentum > 0 ? n : 0), "rmsprop_fused: got ",
+  TORCH_CHECK(l.grad_avgs.size() == (h.centered ? n : 0), "rmsprop_fused: got ",
+              l.grad_avgs.size(), " grad_avgs for ", n, " params with centered=", h.centered);
+  TORCH_CHECK(l.momentum_buffers.size() == (h.momentum > 0 ? n : 0), "rmsprop_fused: got ",
               l.momentum_buffers.size(), " momentum_buffers for ", n,
-              " params with momentum=", momentum);
-  if (n == 0) return;
+              " params with momentum=", h.momentum);
+  TORCH_CHECK(l.state_steps.empty() || l.state_steps.size() == n, "rmsprop_fused: got ",
+              l.state_steps.size(), " state_steps for ", n, " params (pass none or one each)");
+  TORCH_CHECK(!h.nesterov || h.momentum > 0,
+              "rmsprop_fused: Nesterov momentum requires a momentum > 0");
+  TORCH_CHECK(!h.variance_state || h.centered,
+              "rmsprop_fused: variance_state holds square_avg - grad_avg^2 and needs centered=True");
+  TORCH_CHECK(!h.bias_correction || h.alpha < 1.0, "rmsprop_fused: bias_correction divides by ",
+              "1 - alpha^step, which is 0 for alpha=", h.alpha);
+  TORCH_CHECK(!(h.bias_correction || h.rounding_seed.has_value()) || l.counts_steps() || n == 0,
+              "rmsprop_fused: bias_correction and stochastic rounding read each tensor's step "
+              "count: pass state_steps");
+  if (n == 0) {
+    TORCH_CHECK(l.state_steps.empty() && l.square_avg_scales.empty() &&
+                    l.grad_avg_scales.empty() && l.momentum_buffer_scales.empty(),
+                "rmsprop_fused: got state_steps or scales for no params");
+    return;
+  }
 
   const at::Tensor& first = l.params[0];
   TORCH_CHECK(first.defined(), "rmsprop_fused: params[0] is undefined");
   TORCH_CHECK(first.device().type() == device_type, "rmsprop_fused: this implementation runs on ",
               device_type, " tensors, got params on ", first.device());
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "rmsprop_fused: unsupported dtype ", dtype,
+  TORCH_CHECK(is_kernel_dtype(dtype), "rmsprop_fused: unsupported dtype ", dtype,
               " (float64, float32, float16 and bfloat16 are supported; complex params go "
               "through torch.view_as_real)");
+  TORCH_CHECK(l.square_avgs[0].defined(), "rmsprop_fused: square_avgs[0] is undefined");
+  const auto state_dtype = l.square_avgs[0].scalar_type();
+  TORCH_CHECK(is_supported_state_dtype(dtype, state_dtype), "rmsprop_fused: ", dtype,
+              " params with ", state_dtype, " state are not supported (the state is the "
+              "param's dtype; float32 or bfloat16 for 16-bit params, bfloat16 for float32 ones; "
+              "uint8 codes with scales for float32, float16 and bfloat16 ones)");
+  const bool quantized = state_dtype == at::kByte;
+  const size_t scales_expected = quantized ? n : 0;
+  TORCH_CHECK(l.square_avg_scales.size() == scales_expected &&
+                  l.grad_avg_scales.size() == (h.centered ? scales_expected : 0) &&
+                  l.momentum_buffer_scales.size() == (h.momentum > 0 ? scales_expected : 0),
+              "rmsprop_fused: ", state_dtype, " state takes ", quantized ? "one scale tensor" : "no scales",
+              " per state tensor; got ", l.square_avg_scales.size(), ", ", l.grad_avg_scales.size(),
+              " and ", l.momentum_buffer_scales.size(), " for ", n, " params");
+  TORCH_CHECK(!h.rounding_seed.has_value() || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  state_dtype == at::kBFloat16,
+              "rmsprop_fused: stochastic rounding rounds float16 and bfloat16 values; this call "
+              "stores none (", dtype, " params, ", state_dtype, " state)");
+
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = l.params[i];
     TORCH_CHECK(p.defined(), "rmsprop_fused: params[", i, "] is undefined");
@@ -122,15 +254,30 @@ inline void check_op_args(const TensorLists& l, bool centered, double momentum,
                 "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "rmsprop_fused: params[", i,
                 "] is not dense (strides ", p.strides(), " for shape ", p.sizes(),
-                "): the fused update needs non-overlapping, gap-free memory");
-    check_companion(p, l.grads[i], "grads", i);
-    check_companion(p, l.square_avgs[i], "square_avgs", i);
-    if (centered) check_companion(p, l.grad_avgs[i], "grad_avgs", i);
-    if (momentum > 0) check_companion(p, l.momentum_buffers[i], "momentum_buffers", i);
+                "): the op needs non-overlapping, gap-free memory (FusedRMSprop and the "
+                "functional rmsprop() update such params through a dense copy)");
+    check_companion(p, l.grads[i], dtype, "grads", i);
+    check_companion(p, l.square_avgs[i], state_dtype, "square_avgs", i);
+    if (h.centered) check_companion(p, l.grad_avgs[i], state_dtype, "grad_avgs", i);
+    if (h.momentum > 0) check_companion(p, l.momentum_buffers[i], state_dtype, "momentum_buffers", i);
+    if (quantized) {
+      check_scale(l.square_avgs[i], l.square_avg_scales[i], "square_avg_scales", i);
+      if (h.centered) check_scale(l.grad_avgs[i], l.grad_avg_scales[i], "grad_avg_scales", i);
+      if (h.momentum > 0) {
+        check_scale(l.momentum_buffers[i], l.momentum_buffer_scales[i], "momentum_buffer_scales", i);
+      }
+    }
+    if (l.counts_steps()) {
+      TORCH_CHECK(step_matches(p, l.state_steps[i]), "rmsprop_fused: state_steps[", i,
+                  "] must be a one-element float32 tensor on ", p.device(), ", got ",
+                  l.state_steps[i].defined() ? l.state_steps[i].toString() : std::string("undefined"));
+    }
   }
-  check_scalar_tensor(lr_tensor, "lr_tensor", first.device());
-  check_scalar_tensor(grad_scale, "grad_scale", first.device());
-  check_scalar_tensor(found_inf, "found_inf", first.device());
+  check_scalar_tensor(args.lr_tensor, "lr_tensor", first.device());
+  check_scalar_tensor(args.grad_scale, "grad_scale", first.device());
+  check_scalar_tensor(args.found_inf, "found_inf", first.device());
+  check_scalar_tensor(args.clip_coef, "clip_coef", first.device());
+  check_no_overlap(l);
 }
 
 }  // namespace rmsprop_fused
