@@ -242,7 +242,7 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE int64_t find_segment(const int32_t* fir
 // Loads kLanes consecutive elements at `offset` of every tensor, updates them in opmath, and
 // stores them back. kLanes = 1 is the scalar path. The grad is stored only when it was unscaled;
 // the other tensors always change.
-template <int kLanes, typename Args>
+template <int kLanes, typename Args, bool kUnscaleGrad>
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void update_lanes(
     typename Args::scalar_type* const (&ptr)[Args::kDepth], int64_t offset,
     const StepScalars<typename Args::opmath_t>& s) {
@@ -276,7 +276,8 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void update_lanes(
     opmath_t b = opmath_t(0);
     if constexpr (Args::kCentered) m = static_cast<opmath_t>(x[kGradAvg].lane[i]);
     if constexpr (Args::kMomentum) b = static_cast<opmath_t>(x[kMomentumBuffer].lane[i]);
-    rmsprop_update<Args::kCentered, Args::kMomentum>(p, g, v, m, b, s);
+    rmsprop_update<UpdateVariant<Args::kCentered, Args::kMomentum, kUnscaleGrad, true>>(p, g, v, m, b,
+                                                                                       s);
     x[0].lane[i] = static_cast<scalar_t>(p);
     x[kGrad].lane[i] = static_cast<scalar_t>(g);
     x[2].lane[i] = static_cast<scalar_t>(v);
@@ -286,7 +287,7 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void update_lanes(
 
   RMSPROP_UNROLL
   for (int d = 0; d < Args::kDepth; ++d) {
-    if (d != kGrad || s.unscale_grad) *reinterpret_cast<V*>(ptr[d] + offset) = x[d];
+    if (d != kGrad || kUnscaleGrad) *reinterpret_cast<V*>(ptr[d] + offset) = x[d];
   }
 }
 
@@ -305,11 +306,9 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_block(const Args& args, in
   // check with whatever the flag holds at replay.
   if (scalars.found_inf != nullptr && *scalars.found_inf != 0.0f) return;
   StepScalars<opmath_t> s = scalars.step;
-  if (scalars.lr != nullptr) s.lr = *scalars.lr;
-  if (scalars.grad_scale != nullptr) {
-    s.grad_scale = *scalars.grad_scale;
-    s.unscale_grad = true;
-  }
+  if (scalars.lr != nullptr) set_learning_rate(s, *scalars.lr);
+  const bool unscale_grad = scalars.grad_scale != nullptr;
+  if (unscale_grad) s.grad_scale = *scalars.grad_scale;
 
   const int64_t segment = find_segment(args.first_chunk, scalars.num_segments, block);
   const int64_t chunk_begin = (block - args.first_chunk[segment]) * scalars.chunk_size;
@@ -328,11 +327,20 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_block(const Args& args, in
   // per instruction). Elements past the last whole vector, or all of them when some pointer is
   // not 16-byte aligned (a view at an odd offset), go one per thread, still coalesced.
   const int64_t vector_end = aligned ? n - n % kLanes : 0;
-  for (int64_t i = thread * kLanes; i < vector_end; i += block_dim * kLanes) {
-    update_lanes<kLanes, Args>(ptr, i, s);
-  }
-  for (int64_t i = vector_end + thread; i < n; i += block_dim) {
-    update_lanes<1, Args>(ptr, i, s);
+  if (unscale_grad) {
+    for (int64_t i = thread * kLanes; i < vector_end; i += block_dim * kLanes) {
+      update_lanes<kLanes, Args, true>(ptr, i, s);
+    }
+    for (int64_t i = vector_end + thread; i < n; i += block_dim) {
+      update_lanes<1, Args, true>(ptr, i, s);
+    }
+  } else {
+    for (int64_t i = thread * kLanes; i < vector_end; i += block_dim * kLanes) {
+      update_lanes<kLanes, Args, false>(ptr, i, s);
+    }
+    for (int64_t i = vector_end + thread; i < n; i += block_dim) {
+      update_lanes<1, Args, false>(ptr, i, s);
+    }
   }
 }
 

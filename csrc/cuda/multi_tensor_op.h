@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
 
 #include <cstdint>
 #include <optional>
@@ -54,13 +55,28 @@ inline at::Tensor found_inf_as_float(const at::Tensor& found_inf) {
 // are freed after the launches are enqueued; the caching allocator hands their memory to later
 // work on the same stream only, which runs after the kernels.
 template <typename Launcher>
-int64_t rmsprop_multi_tensor(const TensorLists& lists, double lr, double alpha, double eps,
-                             double weight_decay, double momentum, bool maximize,
-                             bool eps_in_sqrt, bool lr_in_momentum,
-                             const std::optional<at::Tensor>& lr_tensor,
-                             const std::optional<at::Tensor>& grad_scale,
-                             const std::optional<at::Tensor>& found_inf,
-                             const LaunchLimits& limits, Launcher&& launch) {
+int64_t rmsprop_multi_tensor(const StepArgs& step_args, const LaunchLimits& limits,
+                             Launcher&& launch) {
+  const TensorLists& lists = step_args.lists;
+  const Hyperparameters& h = step_args.hyper;
+  const std::optional<at::Tensor>& lr_tensor = step_args.lr_tensor;
+  const std::optional<at::Tensor>& grad_scale = step_args.grad_scale;
+  const std::optional<at::Tensor>& found_inf = step_args.found_inf;
+  // Interim: the options below are being ported to this kernel.
+  TORCH_CHECK(lists.square_avgs.empty() ||
+                  lists.square_avgs[0].scalar_type() == lists.params[0].scalar_type(),
+              "rmsprop_fused: the CUDA kernel keeps state in the params' dtype (for now)");
+  TORCH_CHECK(!h.bias_correction && !h.rounding_seed.has_value() && !h.variance_state &&
+                  !step_args.clip_coef.has_value(),
+              "rmsprop_fused: the CUDA kernel does not have bias_correction, stochastic rounding, "
+              "variance_state and clip_coef yet");
+  if (lists.counts_steps() && !lists.params.empty()) {
+    if (found_inf.has_value()) {
+      at::_foreach_add_(lists.state_steps, found_inf->eq(0).to(at::kFloat));
+    } else {
+      at::_foreach_add_(lists.state_steps, 1.0);
+    }
+  }
   std::vector<int64_t> numels;
   numels.reserve(lists.params.size());
   for (const at::Tensor& p : lists.params) numels.push_back(p.numel());
@@ -87,8 +103,9 @@ int64_t rmsprop_multi_tensor(const TensorLists& lists, double lr, double alpha, 
                                   [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     LaunchScalars<opmath_t> scalars{};
-    scalars.step = make_step_scalars<opmath_t>(lr, alpha, eps, weight_decay, momentum, maximize,
-                                               eps_in_sqrt, lr_in_momentum);
+    scalars.step = make_step_scalars<opmath_t>(
+        h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.maximize, h.eps_in_sqrt,
+        h.lr_in_momentum, h.decoupled_weight_decay, h.nesterov, h.bias_correction, false);
     scalars.lr = device_lr ? device_lr->const_data_ptr<opmath_t>() : nullptr;
     scalars.grad_scale = device_grad_scale ? device_grad_scale->const_data_ptr<opmath_t>()
                                            : nullptr;

@@ -42,25 +42,16 @@ __global__ void __launch_bounds__(multi_tensor::kBlockDim)
   multi_tensor::rmsprop_block(args, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
-void rmsprop_cuda_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                   at::TensorList grad_avgs, at::TensorList momentum_buffers, double lr,
-                   double alpha, double eps, double weight_decay, double momentum, bool centered,
-                   bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
-                   const std::optional<at::Tensor>& lr_tensor,
-                   const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
-  const TensorLists lists{params, grads, square_avgs, grad_avgs, momentum_buffers};
-  check_op_args(lists, centered, momentum, lr_tensor, grad_scale, found_inf,
-                c10::DeviceType::CUDA);
-  if (params.empty()) return;
+void rmsprop_cuda(const StepArgs& step) {
+  check_op_args(step, c10::DeviceType::CUDA);
+  if (step.lists.params.empty()) return;
 
   // The kernel runs on the params' GPU, in the order of that GPU's current stream (the one a
   // CUDA graph capture or a user's `with torch.cuda.stream(...)` set).
-  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const c10::cuda::CUDAGuard device_guard(step.lists.params[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   multi_tensor::rmsprop_multi_tensor(
-      lists, lr, alpha, eps, weight_decay, momentum, maximize, eps_in_sqrt, lr_in_momentum,
-      lr_tensor, grad_scale, found_inf, multi_tensor::production_limits(lists.depth()),
+      step, multi_tensor::production_limits(step.lists.depth()),
       [stream](const auto& args, int64_t num_blocks) {
         using Args = std::decay_t<decltype(args)>;
         static_assert(sizeof(Args) <= multi_tensor::kKernelParamBytes,
@@ -74,6 +65,6 @@ void rmsprop_cuda_(at::TensorList params, at::TensorList grads, at::TensorList s
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rmsprop_fused, CUDA, m) { m.impl("rmsprop_", &rmsprop_cuda_); }
+TORCH_LIBRARY_IMPL(rmsprop_fused, CUDA, m) { m.impl("rmsprop_", &op_entry<&rmsprop_cuda>); }
 
 }  // namespace rmsprop_fused

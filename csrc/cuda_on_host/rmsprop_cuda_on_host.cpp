@@ -63,21 +63,27 @@ void check_limits(const LaunchLimits& limits, int64_t depth, int64_t block_dim) 
               block_dim);
 }
 
-int64_t rmsprop_cuda_on_host_(at::TensorList params, at::TensorList grads,
-                              at::TensorList square_avgs, at::TensorList grad_avgs,
-                              at::TensorList momentum_buffers, double lr, double alpha,
-                              double eps, double weight_decay, double momentum, bool centered,
-                              bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
-                              const std::optional<at::Tensor>& lr_tensor,
-                              const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf,
-                              std::optional<int64_t> max_tensors_per_launch,
-                              std::optional<int64_t> max_chunks_per_launch,
-                              std::optional<int64_t> chunk_size,
-                              std::optional<int64_t> block_dim) {
-  const TensorLists lists{params, grads, square_avgs, grad_avgs, momentum_buffers};
-  check_op_args(lists, centered, momentum, lr_tensor, grad_scale, found_inf,
-                c10::DeviceType::CPU);
+int64_t rmsprop_cuda_on_host_(
+    at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+    at::TensorList grad_avgs, at::TensorList momentum_buffers, at::TensorList state_steps,
+    at::TensorList square_avg_scales, at::TensorList grad_avg_scales,
+    at::TensorList momentum_buffer_scales, double lr, double alpha, double eps,
+    double weight_decay, double momentum, bool centered, bool maximize, bool eps_in_sqrt,
+    bool lr_in_momentum, bool decoupled_weight_decay, bool nesterov, bool bias_correction,
+    bool variance_state, std::optional<int64_t> rounding_seed,
+    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+    std::optional<int64_t> max_tensors_per_launch, std::optional<int64_t> max_chunks_per_launch,
+    std::optional<int64_t> chunk_size, std::optional<int64_t> block_dim) {
+  const StepArgs step{
+      TensorLists{params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
+                  square_avg_scales, grad_avg_scales, momentum_buffer_scales},
+      Hyperparameters{lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+                      lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction,
+                      variance_state, rounding_seed},
+      lr_tensor, grad_scale, found_inf, clip_coef};
+  check_op_args(step, c10::DeviceType::CPU);
+  const TensorLists& lists = step.lists;
   const LaunchLimits production = multi_tensor::production_limits(lists.depth());
   const LaunchLimits limits{max_tensors_per_launch.value_or(production.max_tensors_per_launch),
                             max_chunks_per_launch.value_or(production.max_chunks_per_launch),
@@ -87,8 +93,7 @@ int64_t rmsprop_cuda_on_host_(at::TensorList params, at::TensorList grads,
 
   // The grid, one block and one thread at a time.
   return multi_tensor::rmsprop_multi_tensor(
-      lists, lr, alpha, eps, weight_decay, momentum, maximize, eps_in_sqrt, lr_in_momentum,
-      lr_tensor, grad_scale, found_inf, limits, [threads](const auto& args, int64_t num_blocks) {
+      step, limits, [threads](const auto& args, int64_t num_blocks) {
         for (int64_t block = 0; block < num_blocks; ++block) {
           for (int64_t thread = 0; thread < threads; ++thread) {
             multi_tensor::rmsprop_block(args, block, thread, threads);
@@ -116,11 +121,15 @@ int64_t cuda_launch_count(c10::IntArrayRef numels, int64_t depth,
 TORCH_LIBRARY_FRAGMENT(rmsprop_fused, m) {
   m.def(
       "rmsprop_cuda_on_host_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
-      "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, *, float lr, float alpha, "
-      "float eps, float weight_decay, float momentum, bool centered, bool maximize, "
-      "bool eps_in_sqrt, bool lr_in_momentum, Tensor? lr_tensor=None, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None, int? max_tensors_per_launch=None, "
-      "int? max_chunks_per_launch=None, int? chunk_size=None, int? block_dim=None) -> int");
+      "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] state_steps, "
+      "Tensor(g!)[] square_avg_scales, Tensor(h!)[] grad_avg_scales, "
+      "Tensor(i!)[] momentum_buffer_scales, *, float lr, float alpha, float eps, "
+      "float weight_decay, float momentum, bool centered, bool maximize, bool eps_in_sqrt, "
+      "bool lr_in_momentum, bool decoupled_weight_decay, bool nesterov, bool bias_correction, "
+      "bool variance_state, int? rounding_seed=None, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, "
+      "int? max_tensors_per_launch=None, int? max_chunks_per_launch=None, int? chunk_size=None, "
+      "int? block_dim=None) -> int");
   m.def("cuda_launch_count(int[] numels, int depth, int? kernel_param_bytes=None) -> int",
         &cuda_launch_count);
 }
