@@ -64,7 +64,7 @@ def _load() -> None:
     except (ImportError, OSError) as e:
         load_error = f"the C++ extension failed to load ({e}): {_REBUILD}"
         return
-    missing = [op for op in ("rmsprop_", "first_irregular") if not hasattr(torch.ops.rmsprop_fused, op)]
+    missing = [op for op in ("rmsprop_", "first_irregular", "overlapping_pair") if not hasattr(torch.ops.rmsprop_fused, op)]
     if missing:
         load_error = f"the C++ extension loaded but registered no op rmsprop_fused::{missing[0]}: {_REBUILD}"
 
@@ -157,17 +157,21 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def rmsprop_extension(
-    params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
-    momentum, centered, maximize, eps_in_sqrt, lr_in_momentum, grad_scale=None, found_inf=None,
+    params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+    momentum_buffer_scales, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+    lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state, rounding_seed,
+    grad_scale=None, found_inf=None, clip_coef=None,
 ) -> None:
     """The `cpu` and `cuda` backends: the dispatcher picks the kernel by the tensors' device."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     torch.ops.rmsprop_fused.rmsprop_(
-        params, grads, square_avgs, grad_avgs, momentum_buffers,
-        lr=0.0 if lr_tensor is not None else float(lr), alpha=alpha, eps=eps,
+        params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+        momentum_buffer_scales, lr=0.0 if lr_tensor is not None else float(lr), alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
-        eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf,
+        eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum, decoupled_weight_decay=decoupled_weight_decay,
+        nesterov=nesterov, bias_correction=bias_correction, variance_state=variance_state,
+        rounding_seed=rounding_seed, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+        clip_coef=clip_coef,
     )
 
 
@@ -175,14 +179,18 @@ if load_error is None:
     # The op's fake implementation: it mutates its inputs in place and returns nothing, so under
     # torch.compile it traces as an in-place extern call with no outputs to allocate.
     @torch.library.register_fake("rmsprop_fused::rmsprop_")
-    def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps,
-                      weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
-                      lr_tensor=None, grad_scale=None, found_inf=None):
+    def _rmsprop_fake(params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales,
+                      grad_avg_scales, momentum_buffer_scales, *, lr, alpha, eps, weight_decay, momentum,
+                      centered, maximize, eps_in_sqrt, lr_in_momentum, decoupled_weight_decay, nesterov,
+                      bias_correction, variance_state, rounding_seed=None, lr_tensor=None, grad_scale=None,
+                      found_inf=None, clip_coef=None):
         # The Meta key outranks CPU and CUDA: a call that mixes meta tensors with real ones lands
         # here, and must fail as the real kernels would, not return having updated nothing.
         device = params[0].device if params else None
-        lists = {"params": params, "grads": grads, "square_avgs": square_avgs,
-                 "grad_avgs": grad_avgs, "momentum_buffers": momentum_buffers}
+        lists = {"params": params, "grads": grads, "square_avgs": square_avgs, "grad_avgs": grad_avgs,
+                 "momentum_buffers": momentum_buffers, "state_steps": state_steps,
+                 "square_avg_scales": square_avg_scales, "grad_avg_scales": grad_avg_scales,
+                 "momentum_buffer_scales": momentum_buffer_scales}
         for name, tensors in lists.items():
             for i, t in enumerate(tensors):
                 torch._check(t.device == device,

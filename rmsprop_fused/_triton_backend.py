@@ -398,6 +398,10 @@ def rmsprop_triton(
     square_avgs: List[Tensor],
     grad_avgs: List[Tensor],
     momentum_buffers: List[Tensor],
+    state_steps: List[Tensor],
+    square_avg_scales: List[Tensor],
+    grad_avg_scales: List[Tensor],
+    momentum_buffer_scales: List[Tensor],
     *,
     lr: Union[float, Tensor],
     alpha: float,
@@ -408,14 +412,28 @@ def rmsprop_triton(
     maximize: bool,
     eps_in_sqrt: bool,
     lr_in_momentum: bool,
+    decoupled_weight_decay: bool,
+    nesterov: bool,
+    bias_correction: bool,
+    variance_state: bool,
+    rounding_seed: Optional[int],
     grad_scale: Optional[Tensor] = None,
     found_inf: Optional[Tensor] = None,
+    clip_coef: Optional[Tensor] = None,
 ) -> None:
     """One RMSprop step on one (device, dtype) group, already validated by
     :func:`rmsprop_fused.functional.rmsprop` (the signature of the functional entry): a single
     kernel launch, which reads a tensor lr, grad_scale and found_inf on the device."""
     if not params:
         return
+    if (square_avgs[0].dtype != params[0].dtype or decoupled_weight_decay or nesterov or bias_correction
+            or variance_state or rounding_seed is not None or clip_coef is not None):
+        raise NotImplementedError("the Triton kernel does not have this option yet")  # being ported
+    if state_steps:
+        if found_inf is None:
+            torch._foreach_add_(state_steps, 1.0)
+        else:
+            torch._foreach_add_(state_steps, (found_inf == 0).to(torch.float32))
     tensor_lists, columns = [params, grads, square_avgs], [_PARAM, _GRAD, _SQUARE_AVG]
     if centered:
         tensor_lists.append(grad_avgs)

@@ -6,6 +6,9 @@
     triton     the Triton kernel, CUDA tensors (CPU tensors under TRITON_INTERPRET=1):
                float32, float16, bfloat16
 
+Every backend keeps state in the param's dtype, in float32 or bfloat16 for 16-bit params,
+bfloat16 for float32 params, or as 8-bit blockwise codes (uint8) for float32 and 16-bit params.
+
 "auto" takes, per group, the first available of: cpu (CPU tensors); cuda, then triton (CUDA
 tensors); and the reference otherwise.
 """
@@ -24,6 +27,13 @@ from .errors import BackendUnavailableError
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# State dtypes other than the param's own, by param dtype (csrc/rmsprop_op.h is_supported_state_dtype).
+OTHER_STATE_DTYPES = {
+    torch.float32: (torch.bfloat16, torch.uint8),
+    torch.float16: (torch.float32, torch.bfloat16, torch.uint8),
+    torch.bfloat16: (torch.float32, torch.uint8),
+    torch.float64: (),
+}
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
@@ -45,10 +55,18 @@ def _triton_reason(device: torch.device, dtype: Optional[torch.dtype]) -> Option
     return _triton_backend.unavailable_reason(device)
 
 
+def _state_reason(dtype: Optional[torch.dtype], state_dtype: Optional[torch.dtype]) -> Optional[str]:
+    if dtype is None or state_dtype is None or state_dtype == dtype or state_dtype in OTHER_STATE_DTYPES.get(dtype, ()):
+        return None
+    return f"{_dtype_name(dtype)} params cannot keep {_dtype_name(state_dtype)} state"
+
+
 @functools.lru_cache(maxsize=None)
-def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
-    """None when `backend` can update `dtype` tensors on `device` here; else the reason it cannot.
-    dtype=None asks about the device alone."""
+def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                       state_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when `backend` can update `dtype` tensors with `state_dtype` state on `device` here;
+    else the reason it cannot. dtype=None asks about the device alone, state_dtype=None about
+    state of the param's dtype."""
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
@@ -56,9 +74,9 @@ def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch
             return f"the {backend!r} backend updates {backend.upper()} tensors, not {device.type} tensors"
         if dtype is not None and dtype not in KERNEL_DTYPES:
             return f"the C++ kernels support float64, float32, float16 and bfloat16, not {_dtype_name(dtype)}"
-        return _extension.unavailable_reason(device)
+        return _state_reason(dtype, state_dtype) or _extension.unavailable_reason(device)
     if backend == "triton":
-        return _triton_reason(device, dtype)
+        return _state_reason(dtype, state_dtype) or _triton_reason(device, dtype)
     check_name(backend)  # raises for a name that is no backend
     raise ValueError("unavailable_reason() asks about one implementation, not 'auto'")
 
@@ -66,18 +84,19 @@ def unavailable_reason(backend: str, device: torch.device, dtype: Optional[torch
 # Under torch.compile the choice is made eagerly at trace time (and baked into the graph): it
 # depends only on what is installed and which GPU is present, never on tensor values.
 @torch.compiler.assume_constant_result
-def select(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that updates a (device, dtype) group; raises BackendUnavailableError when an
-    explicitly requested one cannot, saying why."""
+def select(backend: str, device: torch.device, dtype: torch.dtype, state_dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that updates a (device, dtype, state dtype) group; raises
+    BackendUnavailableError when an explicitly requested one cannot, saying why."""
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
-            if unavailable_reason(candidate, device, dtype) is None:
+            if unavailable_reason(candidate, device, dtype, state_dtype) is None:
                 return candidate
         return "reference"
-    reason = unavailable_reason(backend, device, dtype)
+    reason = unavailable_reason(backend, device, dtype, state_dtype)
     if reason is not None:
+        state = "" if state_dtype in (None, dtype) else f" with {_dtype_name(state_dtype)} state"
         raise BackendUnavailableError(
-            f"backend={backend!r} cannot update {_dtype_name(dtype)} tensors on {device}: {reason}"
+            f"backend={backend!r} cannot update {_dtype_name(dtype)} tensors{state} on {device}: {reason}"
         )
     return backend
 

@@ -2,37 +2,62 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+import math
+from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends
-from .errors import BackendUnavailableError
-from .functional import STATE_NAMES, apply_checked, check_hyperparameters, check_param, first_irregular
+from . import _quantization as quantization
+from . import backends, clipping
+from .errors import BackendUnavailableError, InvalidInputError
+from .functional import (
+    OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, apply_checked, check_hyperparameters, check_no_overlap,
+    check_param, first_irregular,
+)
 
 __all__ = ["FusedRMSprop"]
 
-# The state keys of torch.optim.RMSprop, by the functional's list names.
-_STATE_KEY = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
+# torch's state keys, by the functional's list names; with variance state the second moment is
+# kept as the variance, under its own key (csrc/rmsprop_update.h, variance_from_square_avg).
+_STATE_KEYS = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
+_VARIANCE_KEY = "grad_var"
+_SCALE_SUFFIX = "_scale"
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, quantization.EIGHT_BIT)
 _NO_STATE: dict = {}
-_OUR_DEFAULTS = {"eps_in_sqrt": False, "initial_scale": 0.0, "lr_in_momentum": False, "backend": "auto"}
+_OUR_DEFAULTS = {
+    "eps_in_sqrt": False, "initial_scale": 0.0, "lr_in_momentum": False, "decoupled_weight_decay": False,
+    "nesterov": False, "bias_correction": False, "state_dtype": None, "stochastic_rounding": False,
+    "rounding_seed": 0, "backend": "auto",
+}
 
 
 class _Gathered(NamedTuple):
-    """What a step updates in one param group: the params that have a grad, their grads, their
-    step counters and the functional's state lists by name (empty when the group's options do not
-    use them). None stands for state not created yet."""
+    """What a step updates in one param group: the params that have a grad and the lists of the
+    step (functional.Lists, None where state is not created yet), the indices of the params that
+    take a dense copy, and the group's state keys."""
 
-    params: list
-    grads: list
-    steps: list
-    state_lists: dict
+    lists: Lists
+    dense_copies: list
+    keys: dict
 
     def lacks_state(self) -> bool:
-        lists = (self.steps, *self.state_lists.values())
-        return any(t is None for tensors in lists for t in tensors)
+        return any(t is None for tensors in self.lists[2:] for t in tensors)
+
+
+def _uses_variance_state(group: dict) -> bool:
+    return bool(group["centered"]) and group["state_dtype"] in (torch.bfloat16, quantization.EIGHT_BIT)
+
+
+def _state_keys(group: dict) -> Dict[str, str]:
+    """{list name: state key} for the lists the group's options use."""
+    keys = {"square_avgs": _VARIANCE_KEY if _uses_variance_state(group) else "square_avg"}
+    if group["centered"]:
+        keys["grad_avgs"] = "grad_avg"
+    if group["momentum"] > 0:
+        keys["momentum_buffers"] = "momentum_buffer"
+    return keys
 
 
 class FusedRMSprop(Optimizer):
@@ -40,18 +65,24 @@ class FusedRMSprop(Optimizer):
 
     A drop-in replacement for :class:`torch.optim.RMSprop`: the same arguments, defaults,
     validation, state keys (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``) and
-    numbers, so state_dicts move between the two both ways. Per element, with ``g`` the gradient:
+    numbers, so state_dicts move between the two both ways. Per element, with ``g`` the gradient
+    (docs/DESIGN.md section 1 gives every option's place):
 
     .. code-block:: text
 
-        g = -g if maximize;   g = g + weight_decay * p if weight_decay != 0
+        g = g * clip_coef (max_grad_norm);  g = -g if maximize
+        g = g + weight_decay * p            (or p = p * (1 - lr * weight_decay), decoupled)
         v = alpha * v + (1 - alpha) * g * g
-        if centered:  m = lerp(m, g, 1 - alpha);  var = v - m * m      else: var = v
+        if centered:  m = lerp(m, g, 1 - alpha)
+        v, m = v / (1 - alpha**step), m / (1 - alpha**step)     (bias_correction)
+        var = v - m * m if centered else v
         denom = sqrt(var) + eps              (eps_in_sqrt=False, torch)
               = sqrt(var + eps)              (eps_in_sqrt=True: d2l, TF1, Keras, optax, timm)
         if momentum > 0:
-            b = momentum * b + g / denom;       p = p - lr * b   (lr_in_momentum=False, torch)
-            b = momentum * b + lr * g / denom;  p = p - b        (lr_in_momentum=True: TF, Keras, timm)
+            u = g / denom                    (lr * g / denom with lr_in_momentum)
+            b = momentum * b + u
+            d = u + momentum * b if nesterov else b
+            p = p - lr * d                   (p - d with lr_in_momentum)
         else:
             p = p - lr * g / denom
 
@@ -63,7 +94,7 @@ class FusedRMSprop(Optimizer):
         lr (float or Tensor): learning rate (default: 1e-2).
         alpha (float): smoothing constant of the square average (default: 0.99).
         eps (float): added to the denominator for numerical stability (default: 1e-8).
-        weight_decay (float): L2 penalty added to the gradient (default: 0).
+        weight_decay (float): weight decay, an L2 penalty added to the gradient (default: 0).
         momentum (float): momentum factor (default: 0).
         centered (bool): divide by an estimate of the gradient's variance (default: False).
         capturable (bool): the step may be captured in a CUDA graph (default: False); a tensor
@@ -72,18 +103,45 @@ class FusedRMSprop(Optimizer):
         foreach (bool, optional): accepted for compatibility with torch.optim.RMSprop and
             ignored: the step is always one fused pass (default: None).
         maximize (bool): maximize the objective instead of minimizing it (default: False).
-        differentiable (bool): must be False: the fused step is not differentiable.
+        differentiable (bool): autograd records the step, as torch's differentiable RMSprop
+            does (for meta-learning, learned learning rates): it runs the reference backend, on
+            params that are not leaves requiring grad (default: False).
         eps_in_sqrt (bool): eps inside the square root, as d2l, TF1, Keras, optax and timm's
             RMSpropTF do (default: False, torch's eps outside the root).
         initial_scale (float): the value square_avg starts at: 0 for torch/Keras/d2l, 1 for
             TF1 and timm's RMSpropTF (default: 0).
         lr_in_momentum (bool): accumulate lr * g / denom in the momentum buffer and subtract the
             buffer, as TF, Keras and timm do (default: False, torch's lr applied to the buffer).
+        decoupled_weight_decay (bool): decay the params, p = p * (1 - lr * weight_decay), before
+            the update instead of adding weight_decay * p to the gradient (torch.optim.Adam's
+            name; timm RMSpropTF(decoupled_decay=True), Keras 3's weight_decay) (default: False).
+        nesterov (bool): Nesterov momentum, as optax's rmsprop(nesterov=True) and torch's SGD;
+            needs momentum > 0 (default: False).
+        bias_correction (bool): divide both averages by 1 - alpha**step, as optax's
+            rmsprop(bias_correction=True); needs alpha < 1 (default: False).
+        state_dtype: how the state is kept: None (the param's dtype), torch.float32 (for 16-bit
+            params), torch.bfloat16, or "8bit" (blockwise 8-bit codes with a float32 scale per
+            256 elements; tensors under 4,096 elements keep float32). With centered=True,
+            bfloat16 and 8-bit state keep the variance, ``state['grad_var']``, in place of
+            ``square_avg`` (default: None). :meth:`full_precision_state_dict` gives torch's.
+        stochastic_rounding (bool): round the bfloat16 state and the 16-bit params
+            stochastically, from a random stream given by ``rounding_seed``, each param's
+            position and its step count: reproducible, and resumed exactly from a checkpoint
+            (default: False).
+        rounding_seed (int): the stream's seed, kept in the param groups (default: 0; the same
+            on every rank, so that DDP replicas round alike).
+        max_grad_norm (float, optional): clip the gradients of all param groups together to this
+            total norm, as torch.nn.utils.clip_grad_norm_ does, inside the step (default: None).
+        norm_type (float): the norm of the clipping: 2.0, inf or any p > 0 (default: 2.0).
+        error_if_nonfinite (bool): raise when the total norm is NaN or inf, before anything
+            changes; reading the norm costs a host sync (default: False).
         backend (str): ``"auto"`` (the fastest available per (device, dtype) group),
             ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (default: ``"auto"``).
 
     With ``torch.amp.GradScaler``, :meth:`step` receives the scale and the inf flag and unscales
     the gradients inside the fused update; any nonzero flag leaves params, state and step untouched.
+    After a step with ``max_grad_norm``, :attr:`grad_norm` holds the total norm of the (unscaled,
+    unclipped) gradients as a device tensor, for logging.
     """
 
     # GradScaler.step then sets self.grad_scale and self.found_inf instead of unscaling the grads
@@ -107,40 +165,60 @@ class FusedRMSprop(Optimizer):
         eps_in_sqrt: bool = False,
         initial_scale: float = 0.0,
         lr_in_momentum: bool = False,
+        decoupled_weight_decay: bool = False,
+        nesterov: bool = False,
+        bias_correction: bool = False,
+        state_dtype: Union[None, torch.dtype, str] = None,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
+        max_grad_norm: Optional[float] = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
         backend: str = "auto",
     ) -> None:
-        check_hyperparameters(lr, alpha, eps, weight_decay, momentum, initial_scale=initial_scale, check_tensor_lr=True)
+        check_hyperparameters(lr, alpha, eps, weight_decay, momentum, initial_scale=initial_scale,
+                              nesterov=nesterov, bias_correction=bias_correction, check_tensor_lr=True)
         backends.check_name(backend)
-        if differentiable:
-            raise ValueError(
-                "FusedRMSprop does not support differentiable=True: the fused step is not "
-                "differentiable (use torch.optim.RMSprop(differentiable=True))"
-            )
+        clipping.check_clip_options(max_grad_norm, norm_type)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int):
+            raise TypeError(f"rounding_seed must be an int, got {type(rounding_seed).__name__}")
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
             centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
-            differentiable=False, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
-            lr_in_momentum=lr_in_momentum, backend=backend,
+            differentiable=differentiable, eps_in_sqrt=eps_in_sqrt, initial_scale=initial_scale,
+            lr_in_momentum=lr_in_momentum, decoupled_weight_decay=decoupled_weight_decay,
+            nesterov=nesterov, bias_correction=bias_correction, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding, rounding_seed=int(rounding_seed), backend=backend,
         )
+        # Clipping spans all groups, so its options are the optimizer's, not a group's.
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.norm_type = float(norm_type)
+        self.error_if_nonfinite = bool(error_if_nonfinite)
+        self.grad_norm: Optional[Tensor] = None
         super().__init__(params, defaults)  # each group is checked by add_param_group
 
     def add_param_group(self, param_group: dict) -> None:
-        """torch's add_param_group, then the constructor's checks: the group's hyperparameters and,
-        for an explicit backend, that it can update every param (now, not at the first step). A
-        refused group is not added."""
+        """torch's add_param_group, then the constructor's checks: the group's hyperparameters,
+        that its state_dtype suits its params and, for an explicit backend, that it can update
+        every param (now, not at the first step). A refused group is not added."""
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         group = self.param_groups[group_index]
         try:
             self._check_group(group, check_tensor_lr=True)
             for index, p in enumerate(group["params"]):
-                _check_backend_runs(group, group_index, index, p)
+                _check_state_dtype_suits(group, group_index, index, p)
+            _check_backend_runs(group, group_index, group["params"])
         except Exception:
             del self.param_groups[group_index]
             raise
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("norm_type", 2.0)
+        self.__dict__.setdefault("error_if_nonfinite", False)
+        self.__dict__.setdefault("grad_norm", None)
         for group in self.param_groups:
             group.setdefault("momentum", 0)
             group.setdefault("centered", False)
@@ -157,16 +235,29 @@ class FusedRMSprop(Optimizer):
     def _check_group(group: dict, *, check_tensor_lr: bool = False) -> None:
         check_hyperparameters(
             group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"],
-            initial_scale=group["initial_scale"], check_tensor_lr=check_tensor_lr,
+            initial_scale=group["initial_scale"], nesterov=group["nesterov"],
+            bias_correction=group["bias_correction"], check_tensor_lr=check_tensor_lr,
         )
         backends.check_name(group["backend"])
-        if group.get("differentiable"):
-            raise ValueError("FusedRMSprop does not support differentiable=True (a group loaded from torch.optim.RMSprop?)")
+        state_dtype = group["state_dtype"]
+        if not any(state_dtype is d or state_dtype == d for d in _STATE_DTYPES):
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (expected None, torch.float32, torch.bfloat16 or '8bit')"
+            )
+        if group["differentiable"]:
+            if group["backend"] not in ("auto", "reference"):
+                raise ValueError(
+                    f"differentiable=True runs the reference backend (the kernels are not recorded by autograd), "
+                    f"not backend={group['backend']!r}"
+                )
+            if state_dtype is not None or group["stochastic_rounding"]:
+                raise ValueError("differentiable=True keeps the state in the params' dtype: it takes no state_dtype "
+                                 "and no stochastic_rounding")
 
     def _gather(self, group_index: int, group: dict) -> _Gathered:
-        """The params of a group that have a grad, with their grads and the state lists the step
-        uses (None where state is not created yet), all checked. Creates nothing: a refused step
-        must leave the optimizer as it was."""
+        """The params of a group that have a grad, with their grads and the lists the step uses
+        (None where state is not created yet), all checked. Creates nothing: a refused step must
+        leave the optimizer as it was."""
         self._check_group(group)
         lr = group["lr"]
         if isinstance(lr, Tensor) and _capturing_cuda_graph():
@@ -183,47 +274,53 @@ class FusedRMSprop(Optimizer):
             if grad is not None:
                 members.append(p)
                 grads.append(grad)
-        steps, state_lists = self._state(group, members)
-        first = first_irregular(members, grads, *state_lists.values())
+        keys = _state_keys(group)
+        lists = self._lists(group, members, grads, keys)
+        first = first_irregular(*lists, state_dtype=group["state_dtype"])
+        dense_copies = []
         if first >= 0:
             indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            labels = _labels(keys)
             for k in range(first, len(members)):
-                states = (tensors[k] if tensors else None for tensors in state_lists.values())
-                check_param(indices[k], members[k], grads[k], *states, where=(group_index, indices[k]))
-        if group["backend"] != "auto":  # the group's explicit backend may have changed
-            for index, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    _check_backend_runs(group, group_index, index, p)
-        return _Gathered(members, grads, steps, state_lists)
+                states = [tensors[k] if tensors else None for tensors in (lists.square_avgs, lists.grad_avgs, lists.momentum_buffers)]
+                scales = [tensors[k] if tensors else None for tensors in (lists.square_avg_scales, lists.grad_avg_scales, lists.momentum_buffer_scales)]
+                _check_state_dtype_suits(group, group_index, indices[k], members[k])
+                if not check_param(indices[k], members[k], grads[k], *states, scales=scales, step=lists.state_steps[k],
+                                   state_dtype=group["state_dtype"], where=(group_index, indices[k], labels)):
+                    dense_copies.append(k)
+        return _Gathered(lists, dense_copies, keys)
 
     # ------------------------------------------------------------------ state
 
-    def _state(self, group: dict, members: list) -> tuple[list, dict]:
-        """The members' step counters, and {list name: their state tensors} for the lists the
-        group's options use (an empty list for the others); None where absent."""
+    def _lists(self, group: dict, members: list, grads: list, keys: Dict[str, str]) -> Lists:
+        """The step's lists for these members: their state tensors by the group's keys (None
+        where absent), 8-bit scales where the state is 8-bit, empty lists for unused options."""
         states = [self.state.get(p, _NO_STATE) for p in members]
-        used = {"square_avgs": True, "grad_avgs": group["centered"], "momentum_buffers": group["momentum"] > 0}
-        state_lists = {name: [s.get(_STATE_KEY[name]) for s in states] if used[name] else [] for name in STATE_NAMES}
-        return [s.get("step") for s in states], state_lists
+        eight_bit = group["state_dtype"] == quantization.EIGHT_BIT
+        by_name = {}
+        for name in STATE_NAMES:
+            key = keys.get(name)
+            by_name[name] = [s.get(key) for s in states] if key else []
+            scale_name = SCALE_NAMES[STATE_NAMES.index(name)]
+            by_name[scale_name] = [s.get(key + _SCALE_SUFFIX) for s in states] if key and eight_bit else []
+        return Lists(members, grads, by_name["square_avgs"], by_name["grad_avgs"], by_name["momentum_buffers"],
+                     [s.get("step") for s in states], by_name["square_avg_scales"], by_name["grad_avg_scales"],
+                     by_name["momentum_buffer_scales"])
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
-        """torch's state, created lazily, for a param that has a grad; keys that the group's
-        options need and the state lacks (momentum switched on later, say) are added too."""
+        """The state of a param that has a grad, created lazily: torch's keys (with variance
+        state, grad_var for square_avg), in the group's state_dtype; keys that the group's options
+        need and the state lacks (momentum switched on later, say) are added too."""
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if "square_avg" not in state:
-            square_avg = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["initial_scale"] != 0:
-                _real(square_avg).fill_(group["initial_scale"])
-            state["square_avg"] = square_avg
-        if group["momentum"] > 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["centered"] and "grad_avg" not in state:
-            state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name, key in _state_keys(group).items():
+            if key in state:
+                continue
+            initial = group["initial_scale"] if name == "square_avgs" else 0.0
+            _store_state(state, key, torch.full_like(_real(p), initial, dtype=_opmath(p)), p, group)
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step.
 
@@ -235,82 +332,266 @@ class FusedRMSprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        differentiable = any(group["differentiable"] for group in self.param_groups)
+        with torch.set_grad_enabled(differentiable):
+            self._step()
+        return loss
 
+    def _step(self) -> None:
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
 
-        # Check every group before touching any: a refused step changes nothing.
+        # Check every group, the backends, shared memory, and the norm when it must be finite,
+        # before touching anything: a refused step changes nothing and creates no state.
         gathered = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
+        for group_index, (group, members) in enumerate(zip(self.param_groups, gathered)):
+            names = _check_backend_runs(group, group_index, members.lists.params)
+            if members.dense_copies or any(name not in ("cpu", "cuda") for name in names):
+                check_no_overlap(members.lists, where=_optimizer_names(group_index, group, members))
+        clip_coef = None
+        if self.max_grad_norm is not None:
+            grads = [g for members in gathered for g in members.lists.grads]
+            if grads:
+                total = clipping.grad_norm(grads, self.norm_type, grad_scale)
+                if self.error_if_nonfinite and not bool(torch.isfinite(total)):
+                    if found_inf is None or not bool(found_inf != 0):  # GradScaler skips the step anyway
+                        raise RuntimeError(clipping.NONFINITE_NORM_MESSAGE.format(norm_type=self.norm_type))
+                clip_coef = clipping.clip_coefficient(total, self.max_grad_norm)
+                self.grad_norm = total
         for index, (group, members) in enumerate(zip(self.param_groups, gathered)):
             if members.lacks_state():
-                for p in members.params:
+                for p in members.lists.params:
                     self._init_state(p, self.state[p], group)
-                steps, state_lists = self._state(group, members.params)
-                gathered[index] = _Gathered(members.params, members.grads, steps, state_lists)
+                lists = self._lists(group, members.lists.params, members.lists.grads, members.keys)
+                gathered[index] = members._replace(lists=lists)
 
-        for group, members in zip(self.param_groups, gathered):
-            if not members.params:
+        for group_index, (group, members) in enumerate(zip(self.param_groups, gathered)):
+            if not members.lists.params:
                 continue
             apply_checked(
-                members.params, members.grads, *members.state_lists.values(),
+                members.lists, dense_copies=members.dense_copies,
                 lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"],
                 centered=group["centered"], maximize=group["maximize"],
                 eps_in_sqrt=group["eps_in_sqrt"], lr_in_momentum=group["lr_in_momentum"],
-                grad_scale=grad_scale, found_inf=found_inf, backend=group["backend"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], nesterov=group["nesterov"],
+                bias_correction=group["bias_correction"], variance_state=_uses_variance_state(group),
+                rounding_seed=_group_seed(group, group_index) if group["stochastic_rounding"] else None,
+                grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+                differentiable=group["differentiable"], backend=group["backend"], overlap_checked=True,
             )
-            _count_step(members.steps, found_inf)
-        return loss
 
     # ------------------------------------------------------------------ state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load_state_dict, after checking that the state is an RMSprop state for these
-        params (so that an Adam state_dict or one with wrong shapes is refused, changing nothing);
-        `step` is then kept on its param's device."""
+        params (so that an Adam state_dict or one with wrong shapes is refused, changing nothing).
+        The state is then kept as this optimizer's groups keep it: a torch.optim.RMSprop state (or
+        any other state_dtype's) is converted, 8-bit state quantized; state saved in the same form
+        is taken bit for bit. `step` is kept on its param's device."""
         _check_loaded_state(self, state_dict)
+        saved = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        # Options a torch.optim.RMSprop state_dict does not have keep this optimizer's values.
+        ours = [{key: group[key] for key in _OUR_DEFAULTS if key not in saved_group}
+                for group, saved_group in zip(self.param_groups, state_dict["param_groups"])]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and "step" in state:
-                    step = state["step"]
-                    if not isinstance(step, Tensor):
-                        step = torch.tensor(float(step))
-                    state["step"] = step.to(device=p.device, dtype=torch.float32)
+        for group, kept in zip(self.param_groups, ours):
+            group.update(kept)
+        order = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        group_of = {p: group for group in self.param_groups for p in group["params"]}
+        for pid, p in zip(saved_ids, order):
+            if pid not in saved or not saved[pid]:
+                continue
+            self.state[p] = _convert_state(saved[pid], p, group_of[p])
+
+    def full_precision_state_dict(self) -> dict:
+        """A state_dict in torch.optim.RMSprop's form, whatever the state_dtype: ``square_avg``,
+        ``grad_avg`` and ``momentum_buffer`` in float32 (float64 for float64 params), 8-bit state
+        dequantized and the variance turned back into ``square_avg``. torch.optim.RMSprop, or a
+        FusedRMSprop of any state_dtype, loads it."""
+        state_dict = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        for pid, p in zip(ids, params):
+            if pid in state_dict["state"]:
+                state_dict["state"][pid] = _torch_state(state_dict["state"][pid], p)
+        for group in state_dict["param_groups"]:  # torch's options only: a loader keeps its own others
+            for key in _OUR_DEFAULTS:
+                group.pop(key, None)
+        return state_dict
 
 
-def _count_step(steps: list, found_inf: Optional[Tensor]) -> None:
-    """step += 1, or += (found_inf == 0) on the device when AMP may skip the step (no host sync)."""
-    by_device: dict = {}
-    for s in steps:
-        by_device.setdefault(s.device, []).append(s)
-    for device, group in by_device.items():
-        if found_inf is not None:
-            increment = (found_inf.to(device, non_blocking=True) == 0).to(torch.float32)
-        elif device.type == "cpu":
-            # the CPU foreach kernel loops over the tensors; one wrapped 1 spares it wrapping a
-            # Python number per tensor (as torch.optim does)
-            increment = torch.tensor(1.0)
-        else:
-            torch._foreach_add_(group, 1.0)
-            continue
-        torch._foreach_add_(group, increment, alpha=1.0)
+# ---------------------------------------------------------------------- state formats
 
 
-def _check_backend_runs(group: dict, group_index: int, index: int, p: Tensor) -> None:
-    """Raises BackendUnavailableError naming the param when the group's explicit backend cannot
-    update it (backends.select is cached: a dict lookup)."""
-    if group["backend"] == "auto":
+def _opmath(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def _store_state(state: dict, key: str, value: Tensor, p: Tensor, group: dict) -> None:
+    """state[key] = value (a full-precision tensor laid out as the param's state, a real view for
+    complex params) in the group's state_dtype: 8-bit codes and scales, or the dtype."""
+    dtype = quantization.expected_state_dtype(p, group["state_dtype"])
+    if dtype == torch.uint8:
+        codes, scales = quantization.quantize_blockwise(value, signed=key != "square_avg" and key != _VARIANCE_KEY)
+        state[key] = codes
+        state[key + _SCALE_SUFFIX] = scales
         return
-    try:
-        backends.select(group["backend"], p.device, p.dtype.to_real())
-    except BackendUnavailableError as e:
-        raise BackendUnavailableError(f"param group {group_index}, param {index}: {e}") from None
+    state.pop(key + _SCALE_SUFFIX, None)
+    if p.is_complex():
+        state[key] = torch.view_as_complex(value.to(torch.float64 if p.dtype == torch.complex128 else torch.float32)).to(p.dtype)
+    else:
+        state[key] = value.to(dtype)
+
+
+def _decoded(state: dict, key: str, like: Tensor) -> Optional[Tensor]:
+    """state[key] in full precision (float32, float64 for float64 params), laid out as stored;
+    None when absent."""
+    value = state.get(key)
+    if value is None:
+        return None
+    if value.dtype == torch.uint8:
+        signed = key not in ("square_avg", _VARIANCE_KEY)
+        return quantization.dequantize_blockwise(value, state[key + _SCALE_SUFFIX].to(value.device), signed)
+    real = torch.view_as_real(value) if value.is_complex() else value
+    return real.to(_opmath(like))
+
+
+def _torch_state(state: dict, p: Tensor) -> dict:
+    """A state in torch.optim.RMSprop's form (full precision, square_avg rather than grad_var)."""
+    out = {"step": state["step"]} if "step" in state else {}
+    m = _decoded(state, "grad_avg", p)
+    v = _decoded(state, "square_avg", p)
+    if v is None and _VARIANCE_KEY in state:
+        v = _decoded(state, _VARIANCE_KEY, p) + m * m
+    for key, value in (("square_avg", v), ("grad_avg", m), ("momentum_buffer", _decoded(state, "momentum_buffer", p))):
+        if value is not None:
+            value = value.to(p.device)
+            out[key] = torch.view_as_complex(value.contiguous()) if p.is_complex() else value
+    return out
+
+
+def _convert_state(saved: dict, p: Tensor, group: dict) -> dict:
+    """A loaded state as `group` keeps it: taken as it is when it already has the group's form
+    (same keys, dtypes and layout), else decoded to torch's form and stored in the group's."""
+    state: dict = {}
+    if "step" in saved:
+        step = saved["step"]
+        step = step if isinstance(step, Tensor) else torch.tensor(float(step))
+        state["step"] = step.to(device=p.device, dtype=torch.float32)
+    expected_dtype = quantization.expected_state_dtype(p, group["state_dtype"])
+    if p.is_complex():
+        expected_dtype = p.dtype
+    keys = set(_state_keys(group).values())
+    stored = {k for k in saved if k != "step" and not k.endswith(_SCALE_SUFFIX)}
+    variance_key = _VARIANCE_KEY if _uses_variance_state(group) else "square_avg"
+    same_form = variance_key in stored and all(
+        isinstance(saved[k], Tensor) and saved[k].dtype == expected_dtype and saved[k].stride() == _state_strides(p)
+        for k in stored
+    )
+    if same_form:
+        for key, value in saved.items():
+            if key != "step":
+                state[key] = value.to(p.device)
+        return state
+    full = _torch_state(saved, p)
+    for key in keys:
+        if key == _VARIANCE_KEY:
+            if "square_avg" in full:
+                m = _real(full["grad_avg"]) if "grad_avg" in full else torch.zeros_like(_real(full["square_avg"]))
+                v = _real(full["square_avg"])
+                _store_state(state, key, _laid_out(torch.clamp(v - m * m, min=0), p), p, group)
+        elif key in full:
+            _store_state(state, key, _laid_out(_real(full[key]), p), p, group)
+    return state
+
+
+def _state_strides(p: Tensor):
+    return torch.empty_like(p, memory_format=torch.preserve_format).stride()
+
+
+def _laid_out(value: Tensor, p: Tensor) -> Tensor:
+    """`value` laid out as the param's state is (torch.empty_like's preserve_format)."""
+    target = torch.empty_like(_real(p), dtype=value.dtype, device=p.device)
+    return target.copy_(value)
 
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _labels(keys: Dict[str, str]) -> Dict[str, str]:
+    """The optimizer's names of the step's lists, with this group's state keys."""
+    labels = dict(OPTIMIZER_LABELS)
+    for name, key in keys.items():
+        labels[name] = f"state[{key!r}]"
+        labels[SCALE_NAMES[STATE_NAMES.index(name)]] = f"state[{key + _SCALE_SUFFIX!r}]"
+    return labels
+
+
+def _optimizer_names(group_index: int, group: dict, members: _Gathered):
+    """A function (list name, index in the step's lists) -> the optimizer's name of that tensor."""
+    members_list = members.lists.params
+    labels = _labels(members.keys)
+
+    def name(list_name: str, k: int) -> str:
+        index = next(i for i, p in enumerate(group["params"]) if p is members_list[k])
+        return f"param group {group_index}, param {index}: {labels[list_name]}"
+
+    return name
+
+
+def _group_seed(group: dict, group_index: int) -> int:
+    """The seed of a group's stream: the optimizer's, made distinct per group (a 64-bit mix)."""
+    x = (group["rounding_seed"] + 0x9E3779B97F4A7C15 * (group_index + 1)) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) - (1 << 64) if (x ^ (x >> 31)) >= (1 << 63) else (x ^ (x >> 31))
+
+
+def _check_state_dtype_suits(group: dict, group_index: int, index: int, p: Tensor) -> None:
+    state_dtype = group["state_dtype"]
+    if state_dtype is None or not isinstance(p, Tensor):
+        return
+    where = f"param group {group_index}, param {index}"
+    if p.is_complex():
+        raise ValueError(f"{where} is complex: complex params keep their own dtype's state (state_dtype=None)")
+    if p.dtype == torch.float64:
+        raise ValueError(f"{where} is float64: float64 params keep float64 state (state_dtype=None), not {state_dtype!r}")
+    if not p.is_floating_point():
+        return  # check_param names it
+    if _DTensor is not None and isinstance(p, _DTensor) and state_dtype == quantization.EIGHT_BIT:
+        raise ValueError(
+            f"{where} is a DTensor (FSDP2): 8-bit state is quantized in blocks of 256 along each tensor's memory, "
+            "which sharding would cut; use state_dtype=torch.bfloat16 under FSDP2"
+        )
+
+
+def _check_backend_runs(group: dict, group_index: int, params) -> set:
+    """The backends that update the params, one per (device, dtype, state dtype) among them;
+    raises BackendUnavailableError naming a param when the group's backend cannot update it
+    (backends.select is cached: a dict lookup)."""
+    if group["differentiable"]:
+        return {"reference"}
+    names, seen = set(), set()
+    for index, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            continue
+        kind = (p.device, _REAL_DTYPE.get(p.dtype, p.dtype),
+                _REAL_DTYPE.get(p.dtype, quantization.expected_state_dtype(p, group["state_dtype"])))
+        if kind in seen:
+            continue
+        seen.add(kind)
+        try:
+            names.add(backends.select(group["backend"], *kind))
+        except BackendUnavailableError as e:
+            index = next(i for i, q in enumerate(group["params"]) if q is p)
+            raise BackendUnavailableError(f"param group {group_index}, param {index}: {e}") from None
+    return names
 
 
 def _capturing_cuda_graph() -> bool:
@@ -326,8 +607,12 @@ def _graph_capture_health_check(optimizer: Optimizer) -> None:
         check()
 
 
+# complex -> its real dtype (torch.dtype.to_real, which Dynamo cannot trace).
+_REAL_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+_KNOWN_STATE_KEYS = {"step", "square_avg", "momentum_buffer", "grad_avg", _VARIANCE_KEY}
+
+
 def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
-    known = {"step", "square_avg", "momentum_buffer", "grad_avg"}
     saved_groups = state_dict.get("param_groups")
     if saved_groups is None or "state" not in state_dict:
         raise ValueError("state_dict must have the keys 'state' and 'param_groups' (an Optimizer.state_dict())")
@@ -344,6 +629,7 @@ def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
             )
         for index, (param_id, p) in enumerate(zip(saved["params"], group["params"])):
             params_by_id[param_id] = (group_index, index, p)
+    known = _KNOWN_STATE_KEYS | {k + _SCALE_SUFFIX for k in _KNOWN_STATE_KEYS - {"step"}}
     for param_id, state in state_dict["state"].items():
         if param_id not in params_by_id:
             raise ValueError(f"the state dict has state for param id {param_id!r}, which no param group lists")
@@ -352,22 +638,29 @@ def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
         unknown = set(state) - known
         if unknown:
             raise ValueError(
-                f"{where}: state keys {sorted(unknown)} are not RMSprop's ({sorted(known)}); "
+                f"{where}: state keys {sorted(unknown)} are not RMSprop's ({sorted(_KNOWN_STATE_KEYS)}); "
                 "was this state_dict saved by another optimizer?"
             )
-        if state and "square_avg" not in state:
+        if state and "square_avg" not in state and _VARIANCE_KEY not in state:
             raise ValueError(
                 f"{where}: the saved state has no 'square_avg' (keys {sorted(state)}); "
                 "was this state_dict saved by another optimizer?"
             )
-        for key in known - {"step"}:
+        if _VARIANCE_KEY in state and "grad_avg" not in state:
+            raise ValueError(f"{where}: the saved state has a 'grad_var' but no 'grad_avg'")
+        for key in _KNOWN_STATE_KEYS - {"step"}:
             t = state.get(key)
             if t is None:
                 continue
             if not isinstance(t, Tensor) or t.shape != p.shape:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{where}: state {key!r} has shape {shape} but the param has shape {tuple(p.shape)}")
-            if t.is_complex() != p.is_complex() or not (t.is_floating_point() or t.is_complex()):
+            if t.dtype == torch.uint8:
+                scale = state.get(key + _SCALE_SUFFIX)
+                blocks = -(-t.numel() // quantization.QUANT_BLOCK)
+                if not isinstance(scale, Tensor) or scale.shape != (blocks,) or scale.dtype != torch.float32:
+                    raise ValueError(f"{where}: 8-bit state {key!r} needs a float32 {key + _SCALE_SUFFIX!r} of shape ({blocks},)")
+            elif t.is_complex() != p.is_complex() or not (t.is_floating_point() or t.is_complex()):
                 raise ValueError(f"{where}: state {key!r} has dtype {t.dtype}, which cannot hold a {p.dtype} param's state")
     # The groups too: an optimizer that has not stepped yet has no state to give itself away.
     required = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
@@ -382,3 +675,6 @@ def _check_loaded_state(optimizer: FusedRMSprop, state_dict: dict) -> None:
             saved["lr"], saved["alpha"], saved["eps"], saved["weight_decay"], saved["momentum"],
             initial_scale=saved.get("initial_scale", 0.0), check_tensor_lr=True,
         )
+
+
+from .functional import _DTensor  # noqa: E402  (after the definitions that use it)

@@ -1,7 +1,9 @@
 """Inputs, option sets and dtype tolerances shared by the tests.
 
-Tolerances, from the arithmetic (every backend computes in opmath with one rounding per torch
-op; torch's own CPU sqrt is within one ulp, not always correctly rounded):
+Every backend (the reference, the CPU op, the CUDA kernel's code, Triton) computes the same bits
+(docs/DESIGN.md section 1), so backends are compared with assert_lists_equal. Against torch and
+other libraries, which round differently (FMAs, a sqrt that is 1 ulp off now and then, other
+association), the tolerances follow from the arithmetic:
   float64 / float32  one step differs by a few roundings: ULPS_PER_STEP units in the last place
                      of the tensor's largest magnitude (absolute) and of each element (relative).
   bfloat16 / float16 both sides round nearly equal float32 values once: at most one ulp of the
@@ -25,7 +27,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 SMALLEST_SUBNORMAL = {torch.float64: 2.0**-1074, torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
-# Every combination of the options that change the arithmetic.
+# Every combination of torch's options that change the arithmetic.
 OPTION_MATRIX = [
     dict(centered=centered, momentum=momentum, weight_decay=wd, maximize=maximize,
          eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum)
@@ -33,6 +35,32 @@ OPTION_MATRIX = [
         (False, True), (0.0, 0.9), (0.0, 0.1), (False, True), (False, True), (False, True))
     if momentum > 0 or not lr_in_momentum  # lr_in_momentum only matters with momentum
 ]
+
+# The options torch's RMSprop lacks, each with and without centered and momentum (they need the
+# step counters: make_lists(..., steps=True)).
+EXTENDED_OPTIONS = [
+    dict(centered=centered, momentum=momentum, **extra)
+    for centered, momentum in itertools.product((False, True), (0.0, 0.9))
+    for extra in (
+        dict(weight_decay=0.1, decoupled_weight_decay=True),
+        dict(bias_correction=True),
+        dict(bias_correction=True, weight_decay=0.1, maximize=True, eps_in_sqrt=True),
+        dict(nesterov=True), dict(nesterov=True, lr_in_momentum=True),
+    )
+    if momentum > 0 or not extra.get("nesterov")
+]
+
+# (param dtype, state dtype) pairs every kernel supports; torch.uint8 is 8-bit blockwise state.
+STATE_PAIRS = [
+    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float32, torch.uint8), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.uint8), (torch.float16, torch.float16), (torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16), (torch.float16, torch.uint8),
+]
+
+
+def pair_id(pair) -> str:
+    return "-".join(str(d).replace("torch.", "").replace("uint8", "8bit") for d in pair)
 
 
 def option_id(options: dict) -> str:
@@ -44,30 +72,53 @@ def available(backend: str, device: str = "cpu", dtype=torch.float32) -> bool:
     return backends.unavailable_reason(backend, torch.device(device), dtype) is None
 
 
-def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed=0, offset=0):
+LIST_KEYS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps",
+             "square_avg_scales", "grad_avg_scales", "momentum_buffer_scales")
+
+
+def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed=0, offset=0,
+               state_dtype=None, steps=False, variance_state=False):
     """Fresh random params, grads and state for the given sizes. State is what a few steps
-    leave behind (v > m**2 so the centered variance is positive); `offset` makes every tensor a
-    view that starts `offset` elements into its storage (misaligned for the vector path)."""
+    leave behind (v > m**2 so the centered variance is positive), in `state_dtype` (default the
+    params' dtype; torch.uint8 for 8-bit blockwise codes with their scales); with
+    `variance_state` square_avgs hold v - m**2. `steps` adds step counters between 0 and 40.
+    `offset` makes every tensor a view that starts `offset` elements into its storage
+    (misaligned for the vector path; not with 8-bit state)."""
+    from rmsprop_fused import _quantization
+
     gen = torch.Generator().manual_seed(seed)
+    state_dtype = state_dtype or dtype
 
     def draw(n, kind):
         if kind == "normal":
-            x = torch.randn(n + offset, generator=gen, dtype=torch.float64)
-        else:
-            x = torch.rand(n + offset, generator=gen, dtype=torch.float64)
+            return torch.randn(n + offset, generator=gen, dtype=torch.float64)
+        return torch.rand(n + offset, generator=gen, dtype=torch.float64)
+
+    def place(x, dtype):  # converted, then sliced: the view keeps the offset into its storage
         return x.to(dtype=dtype, device=device)[offset:]
 
-    lists = {k: [] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers")}
+    lists = {k: [] for k in LIST_KEYS}
     for n in sizes:
-        lists["params"].append(draw(n, "normal"))
-        lists["grads"].append(draw(n, "normal"))
+        lists["params"].append(place(draw(n, "normal"), dtype))
+        lists["grads"].append(place(draw(n, "normal"), dtype))
         grad_avg = draw(n, "normal") * 0.1
-        square_avg = draw(n, "uniform") + grad_avg.float().square().to(dtype) + 0.01
-        lists["square_avgs"].append(square_avg)
-        if centered:
-            lists["grad_avgs"].append(grad_avg)
-        if momentum > 0:
-            lists["momentum_buffers"].append(draw(n, "normal") * 0.1)
+        square_avg = draw(n, "uniform") + grad_avg.square() + 0.01
+        if variance_state:
+            square_avg = square_avg - grad_avg.square()
+        states = [("square_avgs", square_avg, False, True), ("grad_avgs", grad_avg, True, centered),
+                  ("momentum_buffers", draw(n, "normal") * 0.1, True, momentum > 0)]
+        for name, value, signed, used in states:
+            if not used:
+                continue
+            if state_dtype == torch.uint8:
+                assert offset == 0, "8-bit state is laid out as its param"
+                codes, scales = _quantization.quantize_blockwise(value.float()[offset:], signed)
+                lists[name].append(codes.to(device))
+                lists[name[:-1] + "_scales"].append(scales.to(device))
+            else:
+                lists[name].append(place(value, state_dtype))
+        if steps:
+            lists["state_steps"].append(torch.tensor(float(torch.randint(0, 40, (), generator=gen)), device=device))
     return lists
 
 
@@ -93,6 +144,9 @@ def clone_lists(lists: dict) -> dict:
 def step(lists: dict, backend: str, lr=0.01, alpha=0.99, eps=1e-8, **options) -> None:
     rmsprop(
         lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
+        state_steps=lists.get("state_steps", ()), square_avg_scales=lists.get("square_avg_scales", ()),
+        grad_avg_scales=lists.get("grad_avg_scales", ()),
+        momentum_buffer_scales=lists.get("momentum_buffer_scales", ()),
         lr=lr, alpha=alpha, eps=eps, backend=backend, **options,
     )
 
@@ -137,9 +191,22 @@ def assert_lists_close(actual: dict, expected: dict, *, steps: int = 1) -> None:
             assert_close(a, e, steps=steps, name=f"{key}[{i}]")
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads included), on any devices."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
+
+
 def assert_lists_equal(actual: dict, expected: dict) -> None:
-    """Bitwise equality, on any devices (where two implementations share their arithmetic)."""
+    """Bitwise equality, on any devices: every backend computes the same bits."""
     for key in expected:
-        assert len(actual[key]) == len(expected[key])
+        assert len(actual[key]) == len(expected[key]), key
         for i, (a, e) in enumerate(zip(actual[key], expected[key])):
-            assert torch.equal(a.cpu(), e.cpu()), f"{key}[{i}] differs"
+            if not same_bits(a, e):
+                differ = (a.detach().cpu().double() != e.detach().cpu().double()).sum().item() if a.shape == e.shape else "all"
+                raise AssertionError(f"{key}[{i}] differs ({differ} of {e.numel()} elements)")
