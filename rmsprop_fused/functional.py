@@ -473,15 +473,18 @@ def rmsprop(
 
 def _requested_state_dtype(lists: Lists, index: Optional[int] = None):
     """The functional form takes state as it comes: a param's state dtype is what its square_avg
-    holds (uint8: 8-bit codes, at any size), the same for all when `index` is None (or None when
-    they differ: the full checks then look at each param)."""
+    holds, where that is one the kernels keep for the param's dtype (uint8: 8-bit codes, at any
+    size), else the param's own, which the checks then ask of it. With `index` None: the dtype of
+    every square_avg, or None when they differ (the full checks then look at each param)."""
     if not lists.square_avgs:
         return None
     if index is None:
         dtypes = {t.dtype for t in lists.square_avgs if isinstance(t, Tensor)}
         return dtypes.pop() if len(dtypes) == 1 else None
-    t = lists.square_avgs[index]
-    return t.dtype if isinstance(t, Tensor) else None
+    state, param = lists.square_avgs[index], lists.params[index]
+    if isinstance(state, Tensor) and isinstance(param, Tensor) and state.dtype in backends.OTHER_STATE_DTYPES.get(param.dtype, ()):
+        return state.dtype
+    return None
 
 
 def apply_checked(lists: Lists, *, dense_copies=(), lr, alpha, eps, weight_decay, momentum, centered, maximize,

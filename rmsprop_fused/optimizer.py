@@ -208,6 +208,7 @@ class FusedRMSprop(Optimizer):
             self._check_group(group, check_tensor_lr=True)
             for index, p in enumerate(group["params"]):
                 _check_state_dtype_suits(group, group_index, index, p)
+            _check_something_to_round(group, group_index)
             _check_backend_runs(group, group_index, group["params"])
         except Exception:
             del self.param_groups[group_index]
@@ -568,6 +569,20 @@ def _check_state_dtype_suits(group: dict, group_index: int, index: int, p: Tenso
         raise ValueError(
             f"{where} is a DTensor (FSDP2): 8-bit state is quantized in blocks of 256 along each tensor's memory, "
             "which sharding would cut; use state_dtype=torch.bfloat16 under FSDP2"
+        )
+
+
+def _check_something_to_round(group: dict, group_index: int) -> None:
+    """stochastic_rounding rounds 16-bit values: bfloat16 state or 16-bit params. A group with
+    neither would silently round nothing."""
+    if not group["stochastic_rounding"] or group["state_dtype"] == torch.bfloat16:
+        return
+    if not any(isinstance(p, Tensor) and p.dtype in (torch.float16, torch.bfloat16) for p in group["params"]):
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in group["params"] if isinstance(p, Tensor)})
+        raise ValueError(
+            f"param group {group_index}: stochastic_rounding=True has nothing to round: its params are "
+            f"{', '.join(dtypes)} and its state_dtype is {group['state_dtype']!r}; it rounds float16 and bfloat16 "
+            "params and bfloat16 state (state_dtype=torch.bfloat16)"
         )
 
 
