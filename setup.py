@@ -181,4 +181,9 @@ def nvcc_version(nvcc):
 
 
 ext_modules, cmdclass = extensions_and_cmdclass()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# package_dir names the checkout's root as where the packages live. An editable install
+# (`pip install -e .`) then puts that root on sys.path, as `setup.py develop` did, instead of
+# setuptools' import hook, which also resolves `rmsprop_fused._C` for a copy of the package
+# imported from elsewhere, finding the checkout's extension for it (the extension-loading tests
+# run such copies).
+setup(ext_modules=ext_modules, cmdclass=cmdclass, package_dir={"": "."})
