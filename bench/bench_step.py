@@ -15,8 +15,9 @@ element) divided by the median step time, and as a fraction of the copy bandwidt
 same run, just before the list's cases. Ratios between implementations come from one run on one
 machine; absolute numbers from a shared machine are only as good as its load was quiet.
 
-Writes a table to the terminal, and <out>/<device>.json and <out>/<device>.png (GB/s by case and
-implementation, with the copy bandwidth as a line).
+Writes a table to stdout (a progress bar goes to stderr when it is a terminal), and
+<out>/<device>.json and <out>/<device>.png, <out> being bench/out unless --out says otherwise
+(the plot: GB/s by case and implementation, with the copy bandwidth as a line).
 
 Reading CPU numbers from a shared machine: the fused step enters one parallel region per step;
 torch's paths enter one per op per tensor (about 740 for GPT-2's list with the for-loop), and on
@@ -718,11 +719,13 @@ class SimpleProgress:
 
 
 def progress_bar(total: int):
+    """A bar on stderr while stderr is a terminal, none otherwise: the table rows go to stdout, and
+    a log that captures both (`> log 2>&1`) then holds the table alone."""
     try:
         from tqdm import tqdm
     except ImportError:
         return SimpleProgress(total)
-    return tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr, disable=None)  # None: off unless a TTY
 
 
 # ----------------------------------------------------------------------------- command line
@@ -734,11 +737,13 @@ QUICK_PLAN = TimingPlan(warmup=1, repeats=5, min_time=0.0, max_repeats=5)
 FULL_PLAN = TimingPlan()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="GPT-2 fp32 plain and centered+momentum, many-small fp32 plain; 5 steps each; no torch.compile, no reference backend")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the JSON and PNG (default: bench/results)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the params live (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for the JSON and PNG (default: bench/out; "
+                        "bench/results holds the committed runs, add one with --out bench/results)")
     parser.add_argument("--lists", help=f"comma-separated, from {', '.join(LISTS)} (default: all)")
     parser.add_argument("--options", help=f"comma-separated, from {', '.join(OPTION_SETS)} (default: all)")
     parser.add_argument("--dtypes", help=f"comma-separated, from {', '.join(DTYPES)} (default: fp32,bf16)")
@@ -753,8 +758,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "optimizers fit in this much memory together (default: half the memory available at the start)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's, one per core). "
                         "With 1 no step waits at a parallel region's barrier for a thread that another process preempted")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random params and grads (default 0)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def _pick(text: Optional[str], known: Iterable[str], what: str) -> Optional[List[str]]:
