@@ -17,7 +17,7 @@ machine; absolute numbers from a shared machine are only as good as its load was
 
 Writes a table to stdout (a progress bar goes to stderr when it is a terminal), and
 <out>/<device>.json and <out>/<device>.png, <out> being bench/out unless --out says otherwise
-(the plot: GB/s by case and implementation, with the copy bandwidth as a line).
+(the plot: GB/s by case and implementation with each median step time, the copy bandwidth as a line).
 
 Reading CPU numbers from a shared machine: the fused step enters one parallel region per step;
 torch's paths enter one per op per tensor (about 740 for GPT-2's list with the for-loop), and on
@@ -628,7 +628,8 @@ def environment(device: torch.device) -> dict:
 
 def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str) -> None:
     """GB/s by case and implementation, one panel per parameter list, the copy and in-place add
-    bandwidths of the same run as horizontal lines; whiskers span the IQR of the step time."""
+    bandwidths of the same run as horizontal lines; whiskers span the IQR of the step time, and
+    each bar is labelled with its median step time (the GB/s compare lists, the times do not)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -637,13 +638,14 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
     lists = list(dict.fromkeys(r["list_name"] for r in rows))
     impls = [i for i in ALL_IMPLS if any(r["impl"] == i and r.get("gbps") for r in rows)]
     colours = dict(zip(ALL_IMPLS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(len(lists), 1, figsize=(max(8.0, 1.6 + 1.9 * _max_cases(rows)), 3.3 * len(lists)), squeeze=False)
+    fig, axes = plt.subplots(len(lists), 1, figsize=(max(8.0, 1.6 + 1.9 * _max_cases(rows)), 0.6 + 3.3 * len(lists)),
+                             squeeze=False, layout="constrained")  # constrained: room for the suptitle and the legends
     width = 0.8 / max(1, len(impls))
     for ax, list_name in zip(axes[:, 0], lists):
         list_rows = [r for r in rows if r["list_name"] == list_name]
         cases = list(dict.fromkeys((r["dtype"], r["options"]) for r in list_rows))
         for j, impl in enumerate(impls):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, times = [], [], [], [], []
             for i, case in enumerate(cases):
                 r = next((r for r in list_rows if (r["dtype"], r["options"]) == case and r["impl"] == impl and r.get("gbps")), None)
                 if r is None:
@@ -652,8 +654,11 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
                 ys.append(r["gbps"])
                 lo.append(r["gbps"] - effective_gbps(r["min_bytes"], r["q3_s"]))
                 hi.append(effective_gbps(r["min_bytes"], r["q1_s"]) - r["gbps"])
+                times.append(r["median_s"])
             if xs:  # an implementation that sat out this whole list gets no legend entry here
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl, color=colours[impl])
+                for x, y, h, t in zip(xs, ys, hi, times):
+                    ax.text(x, y + h, f" {_ms(t)} ms", rotation=90, ha="center", va="bottom", fontsize=6)
         bw = bandwidths[list_name]
         ax.axhline(bw["copy_gbps"], color="black", linestyle="--", linewidth=1, label=f"copy_ {bw['copy_gbps']:.0f} GB/s")
         ax.axhline(bw["inplace_add_gbps"], color="grey", linestyle=":", linewidth=1, label=f"in-place add_ {bw['inplace_add_gbps']:.0f} GB/s")
@@ -661,14 +666,15 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
         first = list_rows[0]
         tensors = f"{first['n_tensors']} tensor" + ("s" if first["n_tensors"] != 1 else "")
         ax.set_title(f"{list_name}: {tensors}, {first['numel'] / 1e6:.1f}M elements", fontsize=10)
-        ax.set_ylabel("effective GB/s")
+        ax.set_ylabel("effective GB/s\n(higher is better)")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room for the labels of the tallest bars
         ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(
-        f"RMSprop step on {env['device_name']} ({_threads(env)}) - minimum bytes / median time\n"
-        f"torch {env['torch']}, {env['date'][:10]}, load average at the start {env['load_average_1_5_15min']}",
-        fontsize=10,
+        f"RMSprop step on {env['device_name']} ({_threads(env)}), torch {env['torch']}, {env['date'][:10]}\n"
+        f"load average at the start {env['load_average_1_5_15min']}; bars: minimum bytes of a fused pass / median step time\n"
+        "whiskers: interquartile range of the step time; labels: median step time",
+        fontsize=9,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
