@@ -178,6 +178,7 @@ def test_d2l_main_prints_the_results_and_writes_every_figure(tmp_path):
     text = out.getvalue()
     assert "epoch 20, x1: -0.010599, x2: 0.000000" in text
     assert "d2l    loss: 0.2" in text and "fused  loss: 0.2" in text
+    assert "sec/epoch" not in text  # a step over six numbers times Python, not the optimizer
     for name in ("weights", "trajectory", "airfoil", "gamma_one", "rotated"):
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
 
@@ -188,12 +189,31 @@ def test_d2l_main_prints_the_results_and_writes_every_figure(tmp_path):
 def test_train_swaps_the_optimizer_and_the_curves_agree():
     task = train.airfoil_task(DATA)
     kwargs = dict(epochs=2, steps=50, momentum=0.9, centered=True)
-    runs = train.compare(task, log=lambda line: None, **kwargs)
+    runs = train.compare(task, log=lambda line: None, timing_rounds=30, **kwargs)
     assert [r.optimizer for r in runs] == ["torch", "fused"]
     assert len(runs[0].step_losses) == len(runs[1].step_losses) == 50
     # the same seed, data and update rule: the two curves differ only by float32 rounding
     assert train.max_difference(runs[0].step_losses, runs[1].step_losses) < 1e-4
     assert runs[1].epoch_losses[-1] < runs[1].step_losses[0]  # it learns
+    for run in runs:  # each optimizer's step() timed on its own, after the warm-up
+        assert len(run.step_seconds) == 30 and all(t > 0 for t in run.step_seconds)
+
+
+def test_timing_steps_each_optimizer_warmup_plus_rounds_times(monkeypatch):
+    task = train.airfoil_task(DATA)
+    calls = {"torch": 0, "fused": 0}
+    make_optimizer = train.make_optimizer
+
+    def counting(name, params, **kwargs):
+        optimizer = make_optimizer(name, params, **kwargs)
+        step = optimizer.step
+        optimizer.step = lambda: (calls.__setitem__(name, calls[name] + 1), step())
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", counting)
+    times = train.time_optimizer_steps(task, ("torch", "fused"), rounds=7, warmup=3, momentum=0.9)
+    assert calls == {"torch": 10, "fused": 10}
+    assert {name: len(t) for name, t in times.items()} == {"torch": 7, "fused": 7}
 
 
 def test_train_with_amp_on_cpu_steps_through_the_grad_scaler():
@@ -201,13 +221,15 @@ def test_train_with_amp_on_cpu_steps_through_the_grad_scaler():
     lines = []
     history = train.train(task, "fused", amp=True, epochs=1, steps=4, log=lines.append)
     assert len(history.step_losses) == 4 and history.skipped_steps == 0
-    assert "ms/step" in lines[0]
+    assert "train loss" in lines[0] and "(4 steps)" in lines[0]
 
 
 def test_train_main_compare_prints_both_curves(capsys):
     assert train.main(["--compare", "--data", DATA, "--epochs", "2", "--steps", "60", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "torch loss" in out and "fused loss" in out and "largest difference" in out
+    assert "ms/step" not in out  # a whole training step's wall time said nothing about the optimizer
+    assert "optimizer.step() alone, median of 1000 steps each" in out and "FusedRMSprop's step is" in out
 
 
 def test_max_difference():
