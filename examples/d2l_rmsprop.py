@@ -80,8 +80,9 @@ def plot_weights(weights: Dict[float, List[float]], path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for gamma, w in weights.items():
         ax.plot(range(len(w)), w, label=f"gamma = {gamma:.2f}")
-    ax.set_xlabel("time")
-    ax.set_ylabel("weight of the gradient t steps ago")
+    ax.set_title("weight of a past gradient in s: (1 - gamma) gamma^t", fontsize=10)
+    ax.set_xlabel("t, steps back")
+    ax.set_ylabel("weight of the gradient t steps back")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -239,8 +240,9 @@ def plot_airfoil(runs: Sequence[AirfoilRun], path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for run, style in zip(runs, ("-", "--", ":")):
         ax.plot(*zip(*run.losses), style, label=f"{run.name} (final {run.final_loss:.4f})")
+    ax.set_title("airfoil regression: d2l's from-scratch RMSProp and FusedRMSprop", fontsize=9)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss over the whole data set")
     ax.set_ylim(0.22, 0.35)  # d2l's axes
     ax.legend()
     fig.tight_layout()
@@ -251,15 +253,20 @@ def plot_airfoil(runs: Sequence[AirfoilRun], path: str) -> None:
 # ----------------------------------------------------------------------------- 4. exercises
 
 
-def plot_gamma_one(runs: Dict[str, List[Tuple[float, float]]], path: str) -> None:
+def plot_gamma_one(diverging: Dict[str, List[Tuple[float, float]]], others: Dict[str, List[Tuple[float, float]]], path: str) -> None:
+    """|x| against the step, the diverging runs in a panel of their own: on one axis, their |x|
+    of 1e64 would squeeze the others flat."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for (label, points), colour in zip(runs.items(), ("#d62728", "#2ca02c", "#1f77b4")):
-        distance = [max(math.hypot(*p), 1e-300) for p in points]
-        ax.semilogy(range(len(points)), distance, "-o", markersize=3, color=colour, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("distance to the minimum |x|")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    colours = iter(("#d62728", "#2ca02c", "#1f77b4", "#9467bd"))
+    for ax, runs, title in zip(axes, (diverging, others), ("diverges", "converges")):
+        for label, points in runs.items():
+            distance = [max(math.hypot(*p), 1e-300) for p in points]
+            ax.semilogy(range(len(points)), distance, "-o", markersize=3, color=next(colours), label=label)
+        ax.set_title(f"f(x) = 0.1 x1^2 + 2 x2^2, eta 0.4: {title}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("distance to the minimum |x|")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -304,7 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"   each step, and |x| grows from 5.4 to {math.hypot(*diverging[-1]):.3g} in 20 steps.")
     print(f"   {epoch_line(ones_init).replace(', x1', ' (s starts at 1, as in TF1), x1')}: gradient descent with lr 0.4,\n"
           "   x2 oscillates (factor -0.6) and x1 crawls (factor 0.92): no per-coordinate scaling at all.")
-    plot_gamma_one({"gamma 1, s0 = 0 (d2l)": diverging, "gamma 1, s0 = 1 (TF1)": ones_init, "gamma 0.9, s0 = 0": points}, out("gamma_one.png"))
+    plot_gamma_one({"gamma 1, s0 = 0 (d2l)": diverging}, {"gamma 1, s0 = 1 (TF1)": ones_init, "gamma 0.9, s0 = 0": points},
+                   out("gamma_one.png"))
 
     print("4b. Exercise 2: rotated problem f(x) = 0.1 (x1 + x2)^2 + 2 (x1 - x2)^2, same settings:")
     rotated = trajectory(f_rotated)
