@@ -41,6 +41,7 @@ from torch import nn
 from rmsprop_fused import FusedRMSprop
 
 import airfoil
+import image_sets
 
 
 @dataclass
@@ -76,15 +77,9 @@ def airfoil_task(data: Optional[str] = None, seed: int = 0) -> Task:
 
 def digits_task(seed: int = 0) -> Task:
     try:
-        from sklearn.datasets import load_digits
+        digits = image_sets.load_digits(seed)  # (1797, 1, 8, 8), split 80/20
     except ImportError as e:
-        raise SystemExit(f"--dataset digits needs scikit-learn ({e}); `pip install scikit-learn`, or use --dataset airfoil")
-    digits = load_digits()
-    X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8), pixels 0..16
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(X))
-    train, test = order[:split], order[split:]
+        raise SystemExit(f"--dataset digits: {e}; or use --dataset airfoil")
 
     def make_model():
         return nn.Sequential(
@@ -96,7 +91,8 @@ def digits_task(seed: int = 0) -> Task:
     def accuracy(logits, target):
         return (logits.argmax(dim=1) == target).float().mean().item()
 
-    return Task("digits", X[train], y[train], X[test], y[test], make_model, nn.functional.cross_entropy, "accuracy", accuracy)
+    return Task("digits", digits.x_train, digits.y_train, digits.x_test, digits.y_test, make_model,
+                nn.functional.cross_entropy, "accuracy", accuracy)
 
 
 def make_optimizer(name: str, params, *, lr: float, alpha: float, momentum: float, centered: bool, backend: str):
