@@ -1,6 +1,6 @@
 """Times `optimizer.step()` of FusedRMSprop's backends against torch.optim.RMSprop.
 
-    python bench/bench_step.py --quick          # about a minute on a 2-core CPU
+    python bench/bench_step.py --quick          # about 45 s on an idle 2-core CPU, minutes under load
     python bench/bench_step.py                  # every list x option set x dtype
     python bench/bench_step.py --device cuda    # the same on a GPU
 
