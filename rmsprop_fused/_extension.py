@@ -22,7 +22,11 @@ import torch
 from .errors import ExtensionUnavailableWarning
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_REBUILD = "rebuild it with `pip install --no-build-isolation .`"
+# A package imported from a checkout (a script run from the clone's root imports the source tree,
+# not the copy `pip install .` put in site-packages) needs the extension built into that tree.
+_IN_CHECKOUT = os.path.exists(os.path.join(os.path.dirname(_PACKAGE_DIR), "setup.py"))
+_REBUILD = ("rebuild it into the checkout with `pip install --no-build-isolation -e .`" if _IN_CHECKOUT
+            else "rebuild it with `pip install --no-build-isolation .`")
 
 build_info: Optional[dict] = None
 load_error: Optional[str] = None  # why the extension could not be loaded; None when loaded
