@@ -6,6 +6,9 @@
     python examples/train.py --compare                          # both optimizers, same seed, side by side,
                                                                 # and the time of one optimizer.step() each
     python examples/train.py --dataset digits                   # a small convnet (needs scikit-learn)
+    python examples/train.py --state-dtype 8bit --compare       # 8-bit state against float32 state: the final
+                                                                # losses of both tasks, 3 seeds, 3 option sets
+    python examples/train.py --device cuda --amp --cuda-graph   # the whole training step captured in a CUDA graph
 
 The swap is one line (see make_optimizer): FusedRMSprop takes torch.optim.RMSprop's arguments and
 keeps its state, so everything else in the loop, GradScaler included, stays as it is.
@@ -21,6 +24,21 @@ devices and, with FusedRMSprop, the step takes the scale and the inf flag and un
 single pass (`_step_supports_amp_scaling`) instead of a separate unscale pass. On a CPU this shows
 the mechanics, not a speed-up: for matrices this small, bf16 matmuls cost milliseconds each
 (measured on a 2-core Xeon with torch 2.14), far more than the float32 ones they replace.
+
+CUDA graph (--cuda-graph, GPU only, FusedRMSprop only): forward, backward, the GradScaler's step
+and update, and the optimizer step are captured once and replayed for every batch. It works because
+nothing in the step reads a value on the host: FusedRMSprop(capturable=True) with a tensor lr, and
+GradScaler handing the scale and the inf flag to the fused step as device tensors. torch's RMSprop
+cannot be captured this way: GradScaler checks its inf flag on the host (`found_inf.item()`) before
+calling its step. The first WARMUP_STEPS batches run eagerly on a side stream (they create the state
+and the scaler's tensors), as torch.cuda.graphs' documentation does; a graph has static shapes, so
+the last, smaller batch of each epoch is left out.
+
+State precision (--state-dtype, FusedRMSprop only): bf16 or 8-bit state instead of float32. With
+--compare it trains each task (both, unless --dataset names one) with float32 state and with the
+given state from the same seeds, for plain, momentum and centered + momentum RMSprop, and prints
+how far apart the final training losses land against PARITY_TOLERANCE (see there for the numbers
+behind it); it exits with 1 when a run lands farther.
 """
 
 from __future__ import annotations
@@ -95,11 +113,20 @@ def digits_task(seed: int = 0) -> Task:
                 nn.functional.cross_entropy, "accuracy", accuracy)
 
 
-def make_optimizer(name: str, params, *, lr: float, alpha: float, momentum: float, centered: bool, backend: str):
+STATE_DTYPES = {"bf16": torch.bfloat16, "8bit": "8bit"}  # --state-dtype: FusedRMSprop's state_dtype
+
+
+def make_optimizer(name: str, params, *, lr, alpha: float, momentum: float, centered: bool, backend: str,
+                   state_dtype: Optional[str] = None, capturable: bool = False):
+    """The one line that differs: torch.optim.RMSprop or FusedRMSprop, with the same arguments.
+    `state_dtype` (None, "bf16", "8bit") and `capturable` are FusedRMSprop's."""
     if name == "torch":
-        return torch.optim.RMSprop(params, lr=lr, alpha=alpha, momentum=momentum, centered=centered)
+        if state_dtype is not None:
+            raise ValueError("--state-dtype is FusedRMSprop's: torch.optim.RMSprop keeps its state in the params' dtype")
+        return torch.optim.RMSprop(params, lr=lr, alpha=alpha, momentum=momentum, centered=centered, capturable=capturable)
     if name == "fused":
-        return FusedRMSprop(params, lr=lr, alpha=alpha, momentum=momentum, centered=centered, backend=backend)
+        return FusedRMSprop(params, lr=lr, alpha=alpha, momentum=momentum, centered=centered, backend=backend,
+                            state_dtype=STATE_DTYPES[state_dtype] if state_dtype else None, capturable=capturable)
     raise ValueError(f"--optimizer must be torch or fused, not {name!r}")
 
 
@@ -111,6 +138,7 @@ class History:
     test_metrics: List[float] = field(default_factory=list)
     skipped_steps: int = 0
     step_seconds: List[float] = field(default_factory=list)  # optimizer.step() alone (compare)
+    final_loss: float = math.nan  # the loss over the whole training set after the last step
 
 
 def _sync(device: torch.device) -> None:
@@ -132,16 +160,27 @@ def train(
     alpha: float = 0.99,
     momentum: float = 0.0,
     centered: bool = False,
+    state_dtype: Optional[str] = None,
+    cuda_graph: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> History:
     """Trains a fresh model; `steps` caps the total number of optimizer steps. The seed fixes the
     init and the order of the batches, so two runs that differ only in the optimizer see the same
-    data in the same order."""
+    data in the same order. With `cuda_graph`, each training step is a replay of one captured
+    step (module docstring)."""
     device = torch.device(device)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda-graph captures CUDA work: it needs --device cuda")
+    if cuda_graph and optimizer_name != "fused":
+        raise ValueError("--cuda-graph needs --optimizer fused: GradScaler reads torch.optim.RMSprop's inf flag on the "
+                         "host, which a graph cannot hold")
     torch.manual_seed(seed)
     model = task.make_model().to(device)
-    optimizer = make_optimizer(optimizer_name, model.parameters(), lr=lr, alpha=alpha, momentum=momentum, centered=centered, backend=backend)
+    # A graph replays the lr it was captured with unless the lr is a device tensor it reads.
+    step_lr = torch.tensor(lr, device=device) if cuda_graph else lr
+    optimizer = make_optimizer(optimizer_name, model.parameters(), lr=step_lr, alpha=alpha, momentum=momentum,
+                               centered=centered, backend=backend, state_dtype=state_dtype, capturable=cuda_graph)
     # CUDA: float16 autocast needs loss scaling. CPU: bfloat16 (module docstring on the scaler).
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -150,8 +189,19 @@ def train(
     order_gen = torch.Generator().manual_seed(seed + 1)
 
     def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
+        # A captured graph must not keep autocast's cast cache (its tensors would be freed under it).
+        return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not cuda_graph) if amp else contextlib.nullcontext()
 
+    def training_step(x, y) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = task.loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # with inf/NaN grads: no update, and the scale is backed off
+        scaler.update()
+        return loss.detach()
+
+    graph = CapturedStep(training_step, x_train[:batch_size], y_train[:batch_size]) if cuda_graph else None
     history = History(optimizer_name)
     total_steps = 0
     for epoch in range(1, epochs + 1):
@@ -161,13 +211,12 @@ def train(
             if steps is not None and total_steps >= steps:
                 break
             batch = batch.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = task.loss_fn(model(x_train[batch]), y_train[batch])
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # with inf/NaN grads: no update, and the scale is backed off
-            scaler.update()
-            losses.append(loss.detach())
+            if graph is None:
+                losses.append(training_step(x_train[batch], y_train[batch]))
+            elif len(batch) == batch_size:  # a graph's shapes are fixed: the last, smaller batch is left out
+                losses.append(graph(x_train[batch], y_train[batch]))
+            else:
+                continue
             total_steps += 1
         if not losses:
             break
@@ -182,7 +231,46 @@ def train(
         history.skipped_steps = total_steps - int(optimizer.state[next(model.parameters())]["step"])
         log(f"epoch {epoch:>3}  train loss {history.epoch_losses[-1]:.5f}  test {task.metric_name} "
             f"{history.test_metrics[-1]:.4f}  ({len(step_losses)} steps)")
+    model.eval()
+    with torch.no_grad(), autocast():
+        history.final_loss = float(task.loss_fn(model(x_train), y_train))
     return history
+
+
+class CapturedStep:
+    """A training step captured in a CUDA graph: called with a batch, it copies the batch into the
+    graph's static input tensors, replays the graph and returns the captured loss (a copy). The
+    first WARMUP_STEPS calls run the step eagerly on a side stream (torch.cuda.graphs' recipe: the
+    optimizer's state, the scaler's tensors and the libraries' workspaces are made there, outside
+    the graph); the graph is captured at the next call, and that call replays it. Every call is one
+    real training step on its batch."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+        self.step = step
+        self.x, self.y = x.clone(), y.clone()  # the static inputs
+        self.calls = 0
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.loss: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.calls += 1
+        if self.calls <= self.WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self.step(self.x, self.y)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self.step(self.x, self.y)
+        self.graph.replay()
+        return self.loss.clone()
 
 
 WARMUP_STEPS = 50
@@ -266,6 +354,79 @@ def compare(task: Task, log: Callable[[str], None] = print, timing_rounds: int =
     return runs
 
 
+# ----------------------------------------------------------------------------- state precision parity
+
+PARITY_OPTIONS = {
+    "plain": {"momentum": 0.0, "centered": False},
+    "momentum": {"momentum": 0.9, "centered": False},
+    "centered+momentum": {"momentum": 0.9, "centered": True},
+}
+PARITY_SEEDS = (0, 1, 2)
+# How far (relative) the final training loss of a run with smaller state may land from the run
+# with float32 state, same task, options and seed. PLACEHOLDER: set from measurements.
+PARITY_TOLERANCE = {"8bit": 0.05, "bf16": 0.05}
+
+
+@dataclass
+class ParityRun:
+    task: str
+    options: str
+    seed: int
+    reference_loss: float  # float32 state
+    loss: float  # the smaller state
+    quantized_tensors: int  # params whose state is stored in the smaller dtype (8-bit: 4,096 elements or more)
+
+    @property
+    def distance(self) -> float:
+        return abs(self.loss - self.reference_loss) / abs(self.reference_loss)
+
+
+def parity(tasks: Sequence[Task], state_dtype: str, *, seeds: Sequence[int] = PARITY_SEEDS,
+           option_sets: Sequence[str] = tuple(PARITY_OPTIONS), log: Callable[[str], None] = print,
+           **train_kwargs) -> List[ParityRun]:
+    """For every task, option set and seed: FusedRMSprop with float32 state and with `state_dtype`
+    from the same seed (the same init and batches), and the relative distance of their final
+    training losses. Prints a table, the largest distance per task and option set against
+    PARITY_TOLERANCE, and the seed-to-seed spread of the float32 runs for scale."""
+    runs = []
+    tolerance = PARITY_TOLERANCE[state_dtype]
+    log(f"{'task':<8} {'options':<18} {'seed':>4}  {'fp32 state':>11}  {state_dtype + ' state':>11}  {'distance':>9}")
+    for task in tasks:
+        for name in option_sets:
+            for seed in seeds:
+                kwargs = dict(train_kwargs, **PARITY_OPTIONS[name], seed=seed)
+                reference = train(task, "fused", log=lambda line: None, **kwargs)
+                smaller = train(task, "fused", state_dtype=state_dtype, log=lambda line: None, **kwargs)
+                run = ParityRun(task.name, name, seed, reference.final_loss, smaller.final_loss,
+                                _smaller_state_tensors(task, state_dtype))
+                runs.append(run)
+                log(f"{task.name:<8} {name:<18} {seed:>4}  {run.reference_loss:>11.6f}  {run.loss:>11.6f}  {run.distance:>9.2%}")
+    log(f"final training loss, {state_dtype} state against float32 state, over seeds {', '.join(map(str, seeds))} "
+        f"(stated tolerance {tolerance:.0%}):")
+    for task in tasks:
+        for name in option_sets:
+            group = [r for r in runs if r.task == task.name and r.options == name]
+            references = [r.reference_loss for r in group]
+            spread = (max(references) - min(references)) / statistics.mean(references)
+            worst = max(r.distance for r in group)
+            log(f"  {task.name:<8} {name:<18} largest distance {worst:6.2%} "
+                f"({'within' if worst <= tolerance else 'OUTSIDE'} {tolerance:.0%}); "
+                f"float32 runs' spread over seeds {spread:6.2%}; {group[0].quantized_tensors} of "
+                f"{len(list(task.make_model().parameters()))} params with {state_dtype} state")
+    return runs
+
+
+def _smaller_state_tensors(task: Task, state_dtype: str) -> int:
+    """How many of the task's params keep `state_dtype` state (8-bit: those of 4,096 elements or
+    more; FusedRMSprop keeps smaller ones in float32)."""
+    params = list(task.make_model().parameters())
+    return sum(p.numel() >= 4096 for p in params) if state_dtype == "8bit" else len(params)
+
+
+def parity_holds(runs: Sequence[ParityRun], state_dtype: str) -> bool:
+    return all(r.distance <= PARITY_TOLERANCE[state_dtype] for r in runs)
+
+
 def max_difference(a: Sequence[float], b: Sequence[float]) -> float:
     if len(a) != len(b):
         raise ValueError(f"the curves have {len(a)} and {len(b)} points")
@@ -278,8 +439,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backend", default="auto", help="FusedRMSprop backend: auto, cpu, cuda, triton, reference")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU) with a GradScaler")
-    parser.add_argument("--compare", action="store_true", help="run torch and fused from the same seed and print both loss curves")
-    parser.add_argument("--dataset", choices=("airfoil", "digits"), default="airfoil")
+    parser.add_argument("--cuda-graph", action="store_true", help="capture the whole training step in a CUDA graph and replay it "
+                        "(GPU, FusedRMSprop; the last, smaller batch of each epoch is left out)")
+    parser.add_argument("--state-dtype", choices=tuple(STATE_DTYPES), help="FusedRMSprop's state in bfloat16 or 8 bits; "
+                        "with --compare, against float32 state on both tasks (or --dataset), 3 seeds, 3 option sets")
+    parser.add_argument("--compare", action="store_true", help="run torch and fused from the same seed and print both loss curves "
+                            "(with --state-dtype: float32 state against that state)")
+    parser.add_argument("--dataset", choices=("airfoil", "digits"), help="airfoil (default), or digits (needs scikit-learn); "
+                        "--state-dtype --compare runs both unless this names one")
     parser.add_argument("--data", help="airfoil_self_noise.dat (default: ../shared/data beside the checkout, else downloaded)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, help="stop after this many optimizer steps in total")
@@ -290,20 +457,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--centered", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.state_dtype and args.optimizer == "torch" and not args.compare:
+        parser.error("--state-dtype is FusedRMSprop's (--optimizer fused)")
+    if args.cuda_graph and (args.compare or args.optimizer != "fused"):
+        parser.error("--cuda-graph runs FusedRMSprop alone: GradScaler reads torch.optim.RMSprop's inf flag on the host, "
+                     "which a graph cannot hold")
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
 
-    task = airfoil_task(args.data, args.seed) if args.dataset == "airfoil" else digits_task(args.seed)
+    def make_task(name):
+        return airfoil_task(args.data, args.seed) if name == "airfoil" else digits_task(args.seed)
+
     kwargs = dict(device=args.device, backend=args.backend, amp=args.amp, epochs=args.epochs, steps=args.steps,
-                  batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, momentum=args.momentum,
-                  centered=args.centered, seed=args.seed)
+                  batch_size=args.batch_size, lr=args.lr, alpha=args.alpha)
     amp = f", AMP {'fp16' if torch.device(args.device).type == 'cuda' else 'bf16'}" if args.amp else ""
-    print(f"{task.name}: {len(task.x_train)} train / {len(task.x_test)} test examples on {args.device}{amp}")
+    if args.compare and args.state_dtype:
+        tasks = [make_task(name) for name in ([args.dataset] if args.dataset else ["airfoil", "digits"])]
+        print(f"{', '.join(t.name for t in tasks)} on {args.device}{amp}: FusedRMSprop with float32 state and with "
+              f"{args.state_dtype} state, {args.epochs} epochs, lr {args.lr:g}, alpha {args.alpha:g}")
+        runs = parity(tasks, args.state_dtype, **kwargs)
+        return 0 if parity_holds(runs, args.state_dtype) else 1
+    task = make_task(args.dataset or "airfoil")
+    kwargs.update(momentum=args.momentum, centered=args.centered, seed=args.seed)
+    print(f"{task.name}: {len(task.x_train)} train / {len(task.x_test)} test examples on {args.device}{amp}"
+          + (", the training step in a CUDA graph" if args.cuda_graph else ""))
     if args.compare:
         compare(task, **kwargs)
     else:
-        print(f"optimizer: {'torch.optim.RMSprop' if args.optimizer == 'torch' else f'FusedRMSprop (backend {args.backend})'}")
-        history = train(task, args.optimizer, **kwargs)
+        state = f", {args.state_dtype} state" if args.state_dtype else ""
+        print(f"optimizer: {'torch.optim.RMSprop' if args.optimizer == 'torch' else f'FusedRMSprop (backend {args.backend}{state})'}")
+        history = train(task, args.optimizer, state_dtype=args.state_dtype, cuda_graph=args.cuda_graph, **kwargs)
         if args.amp:
             print(f"steps skipped by the GradScaler (inf/NaN gradients): {history.skipped_steps}")
+        print(f"final training loss {history.final_loss:.6f}")
+        if not math.isfinite(history.final_loss):
+            return 1
     return 0
 
 
