@@ -509,8 +509,8 @@ class FusedRMSprop(Optimizer):
         not such a step, or was refused. What it reads per param is a grad and the state tensors
         (from the params' state dicts, found again only when the optimizer's state or the group's
         params changed): about 0.1 us each."""
-        if len(self.param_groups) != 1 or torch.compiler.is_compiling():
-            return False
+        if _extension.load_error is not None or len(self.param_groups) != 1 or torch.compiler.is_compiling():
+            return False  # (no extension: the full path takes the reference, or names why not)
         group = self.param_groups[0]
         params = group["params"]
         if group["differentiable"] or group["state_dtype"] == quantization.EIGHT_BIT or group["backend"] not in ("auto", "cpu", "cuda"):
