@@ -3,9 +3,8 @@
 Without a GPU the kernel runs on CPU tensors in Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1 before the kernel is defined), which runs one program at a time in Python, a
 few hundredths of a second each (a masked program costs as much as a full one): the option tests
-use tensors of 5 and BLOCK + 300 elements (smaller than a block of 8-bit state; a whole, aligned,
-unmasked block followed by a masked tail that ends inside its second block of 8-bit state), and
-the tests of sizes, views, blocks and counters use more, zero-size tensors among them. With a GPU
+run two programs (OPTION_SIZES), and the tests of sizes, views, blocks and counters more, around
+the block boundaries, zero-size tensors among them. With a GPU
 the same tests run the compiled kernel on CUDA tensors, and the tests at the end add large
 tensors and a CUDA graph. tests/test_triton_aot.py compiles every variant for sm_80 and sm_90.
 
@@ -39,7 +38,12 @@ PAIRS = [pair for pair in STATE_PAIRS if pair[0] != torch.float64]  # float64: n
 ELEMENT_PAIRS = [pair for pair in PAIRS if pair[1] != torch.uint8]
 BLOCK = triton_backend.BLOCK_SIZE
 QUANT = quantization.QUANT_BLOCK
-OPTION_SIZES = [5, BLOCK + 300]
+# Two programs: a masked one (300 elements: one whole block of 8-bit state and a partial one) and
+# an unmasked, aligned one, of two tensors with their own step counts (bias correction, random
+# streams); the interpreter runs each program in about the same time, masked or not.
+OPTION_SIZES = [300, BLOCK]
+# Three programs: one tensor smaller than a block of 8-bit state, one spanning two programs.
+STEP_SIZES = [5, BLOCK + 300]
 LIST_KEYS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps",
              "square_avg_scales", "grad_avg_scales", "momentum_buffer_scales")
 BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer twins, for bitwise views
@@ -175,7 +179,7 @@ def test_three_steps_with_amp_follow_the_counters(pair, options):
     counted right; AMP's grad write-back on top. Another seed rounds some value differently."""
     options = dict(options, grad_scale=torch.tensor(4.0, device=DEVICE),
                    rounding_seed=fresh_seed() if options["rounding_seed"] else None)
-    lists = lists_for(pair, OPTION_SIZES, options, seed=fresh_seed())
+    lists = lists_for(pair, STEP_SIZES, options, seed=fresh_seed())
     if options["rounding_seed"]:
         # among the values both seeds leave finite (centered state with bias correction makes some
         # NaN), some 16-bit value is rounded the other way
