@@ -102,7 +102,7 @@ def extensions_and_cmdclass():
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
 
-    sources = ["csrc/rmsprop_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/python_entry.cpp", "csrc/rmsprop_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         main = CUDAExtension(

@@ -1,8 +1,8 @@
 // The ops' schemas, defined once. rmsprop_ (the step) is implemented per backend with
 // TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; its Python wrapper is
 // rmsprop_fused/_extension.py, and a fake (meta) implementation for torch.compile is registered
-// there too. The other ops read only metadata, or serve the tests, on every device.
-#include <Python.h>
+// there too. The other ops read only metadata, or serve the tests, on every device. (The Python
+// module itself, rmsprop_fused._C, is csrc/python_entry.cpp.)
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isin.h>
@@ -16,15 +16,6 @@
 
 #include "blockwise_quant.h"
 #include "rmsprop_op.h"
-
-extern "C" {
-// `import rmsprop_fused._C` loads this shared object, which runs the static registrations below.
-// The module itself has no attributes: the entry points are torch.ops.rmsprop_fused.*.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace rmsprop_fused {
 namespace {
