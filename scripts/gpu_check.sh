@@ -212,9 +212,13 @@ finish_part() {  # part detail: records the outcome of the last run_part
   [ "$STATUS" = PASS ] || FAILED+=("$1")
   record "$1" "$STATUS" "$ELAPSED" "$2"
 }
-tarball() {
-  tar czf "$DIR/gpu_check.tar.gz.partial" -C "$DIR" --exclude gpu_check.tar.gz --exclude gpu_check.tar.gz.partial \
-    --exclude tests-cwd . 2>/dev/null && mv "$DIR/gpu_check.tar.gz.partial" "$DIR/gpu_check.tar.gz"
+tarball() {  # written outside DIR, then moved in: tar never reads the archive it is writing
+  local tmp rc
+  tmp=$(mktemp "${TMPDIR:-/tmp}/gpu_check.tar.gz.XXXXXX") || return 1
+  tar czf "$tmp" -C "$DIR" --warning=no-file-changed --exclude ./gpu_check.tar.gz --exclude ./tests-cwd . 2>/dev/null
+  rc=$?
+  # GNU tar's status 1: a file changed while it was read (a log still being flushed); the archive is whole.
+  if [ "$rc" -le 1 ]; then mv -f "$tmp" "$DIR/gpu_check.tar.gz"; else rm -f "$tmp"; fi
 }
 trap 'write_summary "$(printf "overall\tFAIL\t%s\tinterrupted" "$SECONDS")"; tarball; exit 130' INT TERM
 

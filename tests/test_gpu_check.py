@@ -310,7 +310,7 @@ def test_bench_detail_reads_the_benchmarks_own_json(tmp_path, monkeypatch):
                        "--impls", "fused-cpu,torch-forloop", "--repeats", "2", "--min-time", "0",
                        "--bandwidth-log2-numel", "14"]) == 0
     line, ok = gpu_check.bench_detail(str(tmp_path / (bench.device_stem(torch.device("cpu")) + ".json")))
-    assert ok and line.startswith("2 of 2 timings, ") and "fused-cpu gpt2 fp32 plain" in line and "of copy" in line
+    assert ok and line.startswith("2 of 2 timings, ") and "fused-cpu gpt2 fp32 plain" in line and "of copy" in line, line
     line, ok = gpu_check.bench_detail(str(tmp_path / "none.json"))
     assert not ok and line.startswith("no benchmark JSON")
 
