@@ -154,13 +154,21 @@ class TimingPlan:
     there), then at least `repeats` timed steps, more until `min_time` seconds have been spent
     (per implementation, on average, when a case's implementations are interleaved), never more
     than `max_repeats`. On a GPU, `kernel_steps` more steps of each implementation run under the
-    profiler for the kernel time (0: none)."""
+    profiler for the kernel time (0: none). `max_time` (None: no cap) stops timing an
+    implementation once its timed steps add up to that many seconds, after at least
+    `capped_repeats` of them: it keeps the quick run short on a loaded machine, where torch's
+    unfused paths can take seconds a step."""
 
     warmup: int = 2
     repeats: int = 7
     min_time: float = 1.0
     max_repeats: int = 30
     kernel_steps: int = 3
+    max_time: Optional[float] = None
+    capped_repeats: int = 2
+
+    def capped(self, times: Sequence[float]) -> bool:
+        return self.max_time is not None and len(times) >= self.capped_repeats and sum(times) >= self.max_time
 
 
 def minor_page_faults() -> Optional[int]:
@@ -199,7 +207,8 @@ def time_steps(step: Callable[[], object], timer, plan: TimingPlan, extra_warmup
     warmup = [timer(step) for _ in range(plan.warmup + extra_warmup)]
     times: List[float] = []
     began = time.perf_counter()
-    while len(times) < plan.max_repeats and (len(times) < plan.repeats or time.perf_counter() - began < plan.min_time):
+    while len(times) < plan.max_repeats and (len(times) < plan.repeats or time.perf_counter() - began < plan.min_time) \
+            and not plan.capped(times):
         times.append(timed_step(step, timer, faults, walls))
     return warmup, times
 
@@ -603,7 +612,7 @@ def run_list(
             while rounds < plan.max_repeats and (rounds < plan.repeats or time.perf_counter() - began < plan.min_time * len(live)):
                 for k in range(len(live)):
                     _, m, step = live[(rounds + k) % len(live)]
-                    if m.skipped is None:
+                    if m.skipped is None and not plan.capped(m.times_s):
                         try:
                             m.times_s.append(timed_step(step, timer, m.page_faults if count_faults else None, m.wall_s))
                         except Exception as e:
@@ -1066,7 +1075,9 @@ def progress_bar(total: int):
 # matter (a real model, and many small tensors), with the slow-to-compile and oracle paths and the
 # state variants left out; the roofline is in (a step's time, once its op is built).
 QUICK_CASES = (("gpt2", "fp32", ("plain", "centered+momentum")), ("many-small", "fp32", ("plain",)))
-QUICK_PLAN = TimingPlan(warmup=1, repeats=5, min_time=0.0, max_repeats=5, kernel_steps=1)
+# max_time: on the 2-core VM at load 5, torch's for-loop took 3.5 s a GPT-2 step and 14 s a
+# many-small step (barrier waits, page faults), and the quick run 5 minutes without the cap.
+QUICK_PLAN = TimingPlan(warmup=1, repeats=5, min_time=0.0, max_repeats=5, kernel_steps=1, max_time=3.0)
 FULL_PLAN = TimingPlan()
 # The full run's clip cases (issue #13): after the list's own cases, fp32 only.
 FULL_CLIP_CASES = (("gpt2", "fp32"), ("resnet50", "fp32"))
@@ -1074,7 +1085,7 @@ FULL_CLIP_CASES = (("gpt2", "fp32"), ("resnet50", "fp32"))
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="GPT-2 fp32 plain and centered+momentum, many-small fp32 plain; 5 steps each; "
+    parser.add_argument("--quick", action="store_true", help="GPT-2 fp32 plain and centered+momentum, many-small fp32 plain; 5 steps each (2 when they take over 3 s); "
                         "no torch.compile, no reference backend, no state variants")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the params live (default: cuda when a GPU is visible, else cpu)")
