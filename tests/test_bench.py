@@ -246,6 +246,27 @@ def test_quick_plan_and_case_selection():
         bench.plan_cases(bench.parse_args(["--lists", "gpt3"]))
 
 
+def test_the_quick_plan_caps_a_slow_implementation_after_two_steps():
+    """A step whose timed steps add up past the quick plan's max_time stops after two; a fast one
+    still gets its five steps; the full plan has no cap."""
+    def fake_timer(fn):
+        return fn()
+
+    def slow():
+        return 2.0  # seconds a step, as the fake timer reports it
+
+    def fast():
+        return 0.01
+
+    plan = bench.QUICK_PLAN
+    assert plan.max_time is not None and plan.capped_repeats == 2
+    _, times = bench.time_steps(slow, fake_timer, plan)
+    assert times == [2.0, 2.0]
+    _, times = bench.time_steps(fast, fake_timer, plan)
+    assert len(times) == plan.repeats
+    assert not bench.FULL_PLAN.capped([100.0] * 10)
+
+
 def test_device_stem_is_a_file_name():
     assert bench.slug("Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz") == "intel-xeon-platinum-8480"
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
