@@ -37,8 +37,17 @@ the last, smaller batch of each epoch is left out.
 State precision (--state-dtype, FusedRMSprop only): bf16 or 8-bit state instead of float32. With
 --compare it trains each task (both, unless --dataset names one) with float32 state and with the
 given state from the same seeds, for plain, momentum and centered + momentum RMSprop, and prints
-how far apart the final training losses land against PARITY_TOLERANCE (see there for the numbers
-behind it); it exits with 1 when a run lands farther.
+each run's final training loss and how far the mean over the seeds lands from the float32-state
+mean, against PARITY_TOLERANCE (see there for the numbers behind it); it exits with 1 when a mean
+lands farther or a run does not end finite.
+
+Known failure, found by this comparison: 8-bit state with centered + momentum on the digits
+convnet turned to NaN (2 threads, seed 0, step 20, the 10 x 512 layer). With centered low-precision
+state FusedRMSprop stores the variance w = square_avg - grad_avg**2, clamped at 0; in 8 bits an
+element's w is 0 when it is far under its block's largest. The update rebuilds v = w + m*m, and its
+new v' - m'*m' (mathematically alpha * w + alpha * (1 - alpha) * (g - m)**2 >= 0) cancels to
+rounding noise when g is close to m, negative for about half of such elements: sqrt gives NaN.
+tests/test_examples.py reproduces it (xfail). bf16 and float32 state did not show it.
 """
 
 from __future__ import annotations
@@ -362,9 +371,14 @@ PARITY_OPTIONS = {
     "centered+momentum": {"momentum": 0.9, "centered": True},
 }
 PARITY_SEEDS = (0, 1, 2)
-# How far (relative) the final training loss of a run with smaller state may land from the run
-# with float32 state, same task, options and seed. PLACEHOLDER: set from measurements.
-PARITY_TOLERANCE = {"8bit": 0.05, "bf16": 0.05}
+# How far (relative) the mean over PARITY_SEEDS of the final training losses with smaller state
+# may land from the mean with float32 state, same task and options; and every run must end finite.
+# The mean, not each seed: measured on the 2-core Xeon (2 epochs, lr 1e-3), airfoil's seeds land
+# within 0.3% of their float32 runs with either state, but the digits convnet with momentum ends
+# at a loss of about 0.04 where single runs are chaotic: seed for seed, bf16 state landed up to 30%
+# from float32 state and 8-bit up to 19%, while the float32 runs of the 3 seeds spread by 29%;
+# the means over the 3 seeds came within 6% (bf16) and 5% (8-bit). The same tolerance for both.
+PARITY_TOLERANCE = {"8bit": 0.10, "bf16": 0.10}
 
 
 @dataclass
@@ -379,6 +393,20 @@ class ParityRun:
     @property
     def distance(self) -> float:
         return abs(self.loss - self.reference_loss) / abs(self.reference_loss)
+
+
+def mean_distance(group: Sequence[ParityRun]) -> float:
+    """Relative distance of the mean final loss over the group's seeds from the float32-state mean
+    (nan when a run did not end finite)."""
+    reference = statistics.mean(r.reference_loss for r in group)
+    return abs(statistics.mean(r.loss for r in group) - reference) / abs(reference)
+
+
+def parity_groups(runs: Sequence[ParityRun]) -> Dict[tuple, List[ParityRun]]:
+    groups: Dict[tuple, List[ParityRun]] = {}
+    for r in runs:
+        groups.setdefault((r.task, r.options), []).append(r)
+    return groups
 
 
 def parity(tasks: Sequence[Task], state_dtype: str, *, seeds: Sequence[int] = PARITY_SEEDS,
@@ -401,16 +429,17 @@ def parity(tasks: Sequence[Task], state_dtype: str, *, seeds: Sequence[int] = PA
                                 _smaller_state_tensors(task, state_dtype))
                 runs.append(run)
                 log(f"{task.name:<8} {name:<18} {seed:>4}  {run.reference_loss:>11.6f}  {run.loss:>11.6f}  {run.distance:>9.2%}")
-    log(f"final training loss, {state_dtype} state against float32 state, over seeds {', '.join(map(str, seeds))} "
-        f"(stated tolerance {tolerance:.0%}):")
+    log(f"mean final training loss over seeds {', '.join(map(str, seeds))}, {state_dtype} state against float32 state "
+        f"(stated tolerance {tolerance:.0%} of the float32 mean, every run finite):")
     for task in tasks:
         for name in option_sets:
-            group = [r for r in runs if r.task == task.name and r.options == name]
+            group = parity_groups(runs)[(task.name, name)]
             references = [r.reference_loss for r in group]
             spread = (max(references) - min(references)) / statistics.mean(references)
-            worst = max(r.distance for r in group)
-            log(f"  {task.name:<8} {name:<18} largest distance {worst:6.2%} "
-                f"({'within' if worst <= tolerance else 'OUTSIDE'} {tolerance:.0%}); "
+            distance = mean_distance(group)
+            log(f"  {task.name:<8} {name:<18} mean distance {distance:6.2%} "
+                f"({'within' if distance <= tolerance else 'OUTSIDE'} {tolerance:.0%}); "
+                f"largest single-seed distance {max(r.distance for r in group):6.2%}; "
                 f"float32 runs' spread over seeds {spread:6.2%}; {group[0].quantized_tensors} of "
                 f"{len(list(task.make_model().parameters()))} params with {state_dtype} state")
     return runs
@@ -424,7 +453,8 @@ def _smaller_state_tensors(task: Task, state_dtype: str) -> int:
 
 
 def parity_holds(runs: Sequence[ParityRun], state_dtype: str) -> bool:
-    return all(r.distance <= PARITY_TOLERANCE[state_dtype] for r in runs)
+    """Every run finite and every (task, options) mean within PARITY_TOLERANCE (nan compares false)."""
+    return bool(runs) and all(mean_distance(group) <= PARITY_TOLERANCE[state_dtype] for group in parity_groups(runs).values())
 
 
 def max_difference(a: Sequence[float], b: Sequence[float]) -> float:
