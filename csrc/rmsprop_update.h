@@ -32,6 +32,7 @@ struct StepScalars {
   opmath_t lr;
   opmath_t alpha;
   opmath_t one_minus_alpha;   // rounded once from double, as torch passes `1 - alpha`
+  opmath_t alpha_one_minus_alpha;  // alpha * (1 - alpha), rounded once from double (variance form)
   opmath_t lerp_one_minus_w;  // opmath(1) - one_minus_alpha, torch's lerp for large weights
   opmath_t eps_inside_root;   // eps when eps_in_sqrt, else 0 (x + 0 == x exactly)
   opmath_t eps_outside_root;  // 0 when eps_in_sqrt, else eps
@@ -76,6 +77,7 @@ inline StepScalars<opmath_t> make_step_scalars(double lr, double alpha, double e
   StepScalars<opmath_t> s{};
   s.alpha = static_cast<opmath_t>(alpha);
   s.one_minus_alpha = static_cast<opmath_t>(1.0 - alpha);
+  s.alpha_one_minus_alpha = static_cast<opmath_t>(alpha * (1.0 - alpha));
   s.lerp_one_minus_w = opmath_t(1) - s.one_minus_alpha;
   s.lerp_weight_small = std::abs(s.one_minus_alpha) < opmath_t(0.5);
   s.eps_inside_root = eps_in_sqrt ? static_cast<opmath_t>(eps) : opmath_t(0);
@@ -209,19 +211,17 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint32_t random_bits(uint32_t key, int6
 // ---------------------------------------------------------------------------------------------
 
 // With state_dtype bfloat16 or "8bit" and centered=True, the second moment is stored as the
-// variance w = square_avg - grad_avg^2 (clamped at 0), and square_avg = w + grad_avg^2 is rebuilt
-// in opmath before the update: the variance is often a small part of square_avg, and rounding
-// both averages to 8 or 16 bits apart would leave v - m^2 all error, or negative (docs/DESIGN.md
-// section 1). The update itself is the same.
+// variance w = square_avg - grad_avg^2: the variance is often a small part of square_avg, and
+// rounding both averages to 8 or 16 bits apart would leave v - m^2 all error, or negative
+// (docs/DESIGN.md section 1). The update then works on w itself (kVarianceState):
+//   w' = v' - m'^2 = alpha * w + alpha * (1 - alpha) * (g - m)^2
+// (m the old grad_avg), which cannot go negative, where rebuilding v = w + m^2 and taking
+// v' - m'^2 cancels to rounding noise, of either sign, once w has been rounded to 0 next to a
+// large m. With bias correction the corrected variance v'/c - (m'/c)^2 needs v' = w' + m'^2; it
+// is >= 0 in exact arithmetic (a weighted variance) and is clamped at 0.
 template <typename T>
-RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T square_avg_from_variance(T variance, T grad_avg) {
-  return variance + grad_avg * grad_avg;
-}
-
-template <typename T>
-RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T variance_from_square_avg(T square_avg, T grad_avg) {
-  const T variance = square_avg - grad_avg * grad_avg;
-  return variance < T(0) ? T(0) : variance;  // NaN stays NaN
+RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T clamped_at_zero(T x) {
+  return x < T(0) ? T(0) : x;  // NaN stays NaN
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -231,10 +231,12 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T variance_from_square_avg(T square_avg
 // One element, in opmath. `grad` is replaced by the unscaled gradient (what AMP writes back; the
 // clip coefficient is applied after, and not written back); `grad_avg` is touched only when
 // kCentered, `momentum_buffer` only when kMomentum.
-template <class Variant, typename T>
+// kVarianceState (with kCentered): `square_avg` holds the variance w, in and out (above).
+template <class Variant, bool kVarianceState = false, typename T>
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, T& square_avg,
                                                              T& grad_avg, T& momentum_buffer,
                                                              const StepScalars<T>& s) {
+  static_assert(!kVarianceState || Variant::kCentered, "the variance form is centered state");
   if constexpr (Variant::kUnscaleGrad) grad = grad / s.grad_scale;
   T g = grad;
   T p = param;
@@ -245,9 +247,16 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     p = apply_if(s.decoupled_weight_decay, p, [&](T x) { return x * s.decay_factor; });
   }
 
-  // square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-  square_avg = square_avg * s.alpha;
-  square_avg = square_avg + s.one_minus_alpha * g * g;
+  if constexpr (kVarianceState) {
+    // w = alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves
+    const T deviation = g - grad_avg;
+    square_avg = square_avg * s.alpha;
+    square_avg = square_avg + s.alpha_one_minus_alpha * (deviation * deviation);
+  } else {
+    // square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    square_avg = square_avg * s.alpha;
+    square_avg = square_avg + s.one_minus_alpha * g * g;
+  }
 
   T v = square_avg;
   T m = T(0);
@@ -258,6 +267,8 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     m = grad_avg;
   }
   if constexpr (Variant::kExtended) {
+    // the variance form's v' = w' + m'^2, which bias correction needs (above)
+    if constexpr (kVarianceState) v = apply_if(s.use_bias_correction, v, [&](T w) { return w + m * m; });
     // optax's bias correction: both averages divided by 1 - alpha^step
     v = apply_if(s.use_bias_correction, v, [&](T x) { return x / s.bias_correction; });
     if constexpr (Variant::kCentered) {
@@ -265,7 +276,12 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     }
   }
   T var = v;
-  if constexpr (Variant::kCentered) {
+  if constexpr (kVarianceState) {
+    // w' itself; bias-corrected, v'/c - (m'/c)^2, clamped at 0 (above)
+    if constexpr (Variant::kExtended) {
+      var = apply_if(s.use_bias_correction, v, [&](T x) { return clamped_at_zero(x - m * m); });
+    }
+  } else if constexpr (Variant::kCentered) {
     // square_avg.addcmul(grad_avg, grad_avg, value=-1). torch computes it as one fused
     // multiply-add (its AVX2/AVX-512 and CUDA kernels), so +inf - m*m stays +inf for a finite m
     // even where m*m overflows; two roundings would give inf - inf = NaN. Finite results are the

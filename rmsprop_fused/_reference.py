@@ -70,8 +70,6 @@ def rmsprop_reference(
         grad = view(grads[i]).to(opmath)
         v = _load_state(square_avgs, square_avg_scales, i, view, signed=False)
         m = _load_state(grad_avgs, grad_avg_scales, i, view, signed=True) if centered else None
-        if variance_state:
-            v = v + m * m  # square_avg_from_variance
 
         if grad_scale is not None:
             grad = grad / grad_scale
@@ -83,8 +81,13 @@ def rmsprop_reference(
             else:
                 g = g + weight_decay * p
 
-        v = v * alpha
-        v = v + (1 - alpha) * g * g
+        if variance_state:  # v holds the variance w (rmsprop_update.h, the variance form)
+            deviation = g - m
+            v = v * alpha
+            v = v + (alpha * (1 - alpha)) * (deviation * deviation)
+        else:
+            v = v * alpha
+            v = v + (1 - alpha) * g * g
         v_hat = v
         if centered:
             # torch's lerp_(g, w), written out without the FMA its vectorised CPU kernel uses
@@ -95,10 +98,14 @@ def rmsprop_reference(
         m_hat = m
         if bias_correction:
             correction = q.bias_correction(alpha, step).to(opmath)
-            v_hat = v / correction
+            v_hat = (v + m * m if variance_state else v) / correction
             m_hat = m / correction if centered else None
         var = v_hat
-        if centered:
+        if variance_state:
+            if bias_correction:  # v'/c - (m'/c)^2, clamped at 0 (NaN kept)
+                var = v_hat - m_hat * m_hat
+                var = torch.where(var < 0, 0.0, var)
+        elif centered:
             # +inf - m*m stays +inf for a finite m even where m*m overflows, as in torch (whose
             # CPU and CUDA addcmul compute it as one fused multiply-add); see rmsprop_update.h
             var = torch.where(torch.isposinf(v_hat) & torch.isfinite(m_hat), v_hat, v_hat - m_hat * m_hat)
@@ -114,9 +121,6 @@ def rmsprop_reference(
         else:
             p = p - (lr * g) / denom
 
-        if variance_state:
-            v = v - m * m  # variance_from_square_avg: clamped at 0, NaN kept
-            v = torch.where(v < 0, 0.0, v)
         key = (lambda name: q.rounding_key(rounding_seed, i, step, _STREAMS[name])) if rounding_seed is not None else None
         updates.append((view(param), _rounded(p, param.dtype, key and key("params"))))
         if grad_scale is not None:

@@ -157,6 +157,7 @@ class StepScalars(NamedTuple):
     lr: object
     alpha: object
     one_minus_alpha: object
+    alpha_one_minus_alpha: object
     lerp_one_minus_w: object
     eps_inside_root: object
     eps_outside_root: object
@@ -190,7 +191,7 @@ class RoundingKeys(NamedTuple):
 # would become a constant, one divisible by 16 another variant) nor on its alignment.
 _RUNTIME_ARGUMENTS = (
     "table", "blocks", "done", "unsigned_map", "signed_map", "lr", "lr_tensor", "grad_scale", "found_inf",
-    "clip_coef", "alpha", "one_minus_alpha", "lerp_one_minus_w", "eps_inside_root", "eps_outside_root",
+    "clip_coef", "alpha", "one_minus_alpha", "alpha_one_minus_alpha", "lerp_one_minus_w", "eps_inside_root", "eps_outside_root",
     "weight_decay", "momentum", "alpha_low", "alpha_high", "seed_low", "seed_high", "maximize",
     "coupled_weight_decay", "decoupled_weight_decay", "lerp_weight_small", "lr_in_momentum", "nesterov",
     "bias_correction", "clip", "variance_state", "counts_steps", "has_found_inf", "lr_from_tensor",
@@ -437,9 +438,17 @@ if triton is not None:
         if s.decoupled_weight_decay:
             p = p * s.decay_factor
 
-        # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha); in the variance form (square_avg
+        # holds w: rmsprop_update.h), alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves
+        variance_form = False
+        if CENTERED:
+            variance_form = s.variance_state
         square_avg = square_avg * s.alpha
-        square_avg = square_avg + s.one_minus_alpha * g * g
+        if variance_form:
+            deviation = g - grad_avg
+            square_avg = square_avg + s.alpha_one_minus_alpha * (deviation * deviation)
+        else:
+            square_avg = square_avg + s.one_minus_alpha * g * g
 
         v = square_avg
         if CENTERED:
@@ -450,11 +459,17 @@ if triton is not None:
                 grad_avg = g - (g - grad_avg) * s.lerp_one_minus_w
             m = grad_avg
         if s.use_bias_correction:  # optax's: both averages divided by 1 - alpha^step
+            if variance_form:
+                v = v + m * m  # v' = w' + m'^2, which bias correction needs
             v = tl.math.div_rn(v, s.bias_correction)
             if CENTERED:
                 m = tl.math.div_rn(m, s.bias_correction)
         var = v
-        if CENTERED:
+        if variance_form:
+            if s.use_bias_correction:  # v'/c - (m'/c)^2, clamped at 0 (NaN kept)
+                var = v - m * m
+                var = tl.where(var < 0.0, 0.0, var)
+        elif CENTERED:
             # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a finite m
             # even where m*m overflows, as torch's fused multiply-add gives (rmsprop_update.h)
             finite_m = (m < float("inf")) & (m > float("-inf"))
@@ -497,8 +512,6 @@ if triton is not None:
         if CENTERED:
             m, m_ptrs, m_scale_ptrs = _load_state(entry, 3, 6, start, lanes, mask, row_mask, signed_map,
                                                   STATE, ALIGNED, ROWS)
-            if s.variance_state:
-                v = v + m * m  # square_avg_from_variance
         if MOMENTUM:
             b, b_ptrs, b_scale_ptrs = _load_state(entry, 4, 7, start, lanes, mask, row_mask, signed_map,
                                                   STATE, ALIGNED, ROWS)
@@ -506,10 +519,6 @@ if triton is not None:
         p, grad, v, m, b = _rmsprop_update(p, grad, v, m, b, s, CENTERED, MOMENTUM, UNSCALE_GRAD)
 
         index = start + lanes  # the element's index in its tensor: its random bits
-        if CENTERED:
-            if s.variance_state:  # variance_from_square_avg: clamped at 0, NaN kept
-                v = v - m * m
-                v = tl.where(v < 0.0, 0.0, v)
         _store(param_ptrs, p, mask, keys.param, index, PARAM, STOCHASTIC)
         _store_state(v_ptrs, v_scale_ptrs, v, mask, row_mask, unsigned_map, keys.square_avg, index,
                      STATE, STOCHASTIC)
@@ -536,6 +545,7 @@ if triton is not None:
         clip_coef,  # float32 [1], read when `clip`: grads are multiplied by it
         alpha,  # this and the rest of the floats: float32, from make_step_scalars (_step_scalars)
         one_minus_alpha,
+        alpha_one_minus_alpha,
         lerp_one_minus_w,
         eps_inside_root,
         eps_outside_root,
@@ -613,7 +623,7 @@ if triton is not None:
             )
         s = StepScalars(
             lr, tl.cast(alpha, tl.float32), tl.cast(one_minus_alpha, tl.float32),
-            tl.cast(lerp_one_minus_w, tl.float32), tl.cast(eps_inside_root, tl.float32),
+            tl.cast(alpha_one_minus_alpha, tl.float32), tl.cast(lerp_one_minus_w, tl.float32), tl.cast(eps_inside_root, tl.float32),
             tl.cast(eps_outside_root, tl.float32), weight_decay, tl.cast(momentum, tl.float32),
             grad_scale_value, clip_value, decay_factor, correction, maximize, coupled_weight_decay,
             decoupled_weight_decay, lerp_weight_small, lr_in_momentum, nesterov, bias_correction, clip,
@@ -699,6 +709,7 @@ def _step_scalars(alpha: float, eps: float, weight_decay: float, momentum: float
     return dict(
         alpha=_float32(alpha),
         one_minus_alpha=one_minus_alpha,
+        alpha_one_minus_alpha=_float32(alpha * (1.0 - alpha)),  # the variance form's, from double
         # float32(1) - one_minus_alpha, a float32 subtraction: computing it in double and rounding
         # once gives the same float32 (double has more than 2 * 24 + 2 bits, so no double rounding).
         lerp_one_minus_w=_float32(1.0 - one_minus_alpha),

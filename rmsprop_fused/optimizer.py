@@ -22,7 +22,7 @@ from .functional import (
 __all__ = ["FusedRMSprop"]
 
 # torch's state keys, by the functional's list names; with variance state the second moment is
-# kept as the variance, under its own key (csrc/rmsprop_update.h, variance_from_square_avg).
+# kept as the variance, under its own key (csrc/rmsprop_update.h, the variance form).
 _STATE_KEYS = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
 _VARIANCE_KEY = "grad_var"
 _SCALE_SUFFIX = "_scale"

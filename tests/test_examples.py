@@ -446,45 +446,14 @@ def test_smaller_state_trains_as_float32_state_does_over_three_seeds(state_dtype
     groups = train.parity_groups(runs)
     assert all(len(g) == len(train.PARITY_SEEDS) for g in groups.values())
     assert {o for _, o in groups} == set(train.PARITY_OPTIONS)
-    # 8-bit centered + momentum on the digits can turn to NaN (the xfail test below); whether it does
-    # within these steps depends on the thread count's rounding, so that group is left out for 8-bit.
-    known = {("digits", "centered+momentum")} if state_dtype == "8bit" else set()
     for key, group in groups.items():
-        if key in known:
-            continue
         assert all(math.isfinite(r.loss) and math.isfinite(r.reference_loss) for r in group), key
         assert train.mean_distance(group) <= train.PARITY_TOLERANCE[state_dtype], (key, [r.distance for r in group])
-    assert train.parity_holds([r for r in runs if (r.task, r.options) not in known], state_dtype)
+    assert train.parity_holds(runs, state_dtype)
     summary = [line for line in lines if "mean distance" in line]
     assert len(summary) == len(groups) and all(f"{train.PARITY_TOLERANCE[state_dtype]:.0%}" in line for line in summary)
     if state_dtype == "8bit":  # tensors under 4,096 elements keep float32 state, and the output says so
         assert any("airfoil" in line and "1 of 6 params with 8bit state" in line for line in summary)
-
-
-@pytest.mark.xfail(strict=True, reason="8-bit centered state: the variance stored as 0 (under its block's "
-                   "resolution), the update's v - m*m cancels to a negative and its sqrt is NaN; fix in rmsprop_update.h")
-def test_8bit_centered_state_with_a_variance_quantized_to_zero_stays_finite():
-    """What turned the digits convnet's 8-bit centered + momentum run to NaN (train.py's docstring),
-    made deterministic: one large grad per 256-element block makes every other element's stored
-    variance 0; the next grad is within 1e-5 of grad_avg, so the new variance,
-    alpha * w + alpha * (1 - alpha) * (g - m)**2, is about 1e-12 of m*m, under float32's resolution,
-    and v' - m'*m' is rounding noise, negative for about half the elements. bf16 and float32 state
-    stay finite here (the variance is not rounded to 0)."""
-    from rmsprop_fused import FusedRMSprop
-
-    torch.manual_seed(0)
-    p = torch.zeros(4096, requires_grad=True)
-    opt = FusedRMSprop([p], lr=1e-3, momentum=0.9, centered=True, state_dtype="8bit")
-    g = torch.rand(4096) * 1e-3 + 1e-3
-    g[::256] = 1e3
-    p.grad = g
-    opt.step()
-    m = opt.full_precision_state_dict()["state"][0]["grad_avg"].clone()
-    g = m * (1 + 1e-5 * torch.randn(4096))
-    g[::256] = 1e3
-    p.grad = g
-    opt.step()
-    assert torch.isfinite(p).all(), f"{int((~torch.isfinite(p)).sum())} of 4096 params are not finite"
 
 
 def test_parity_holds_on_the_mean_over_seeds_and_not_with_a_nan():
