@@ -86,6 +86,41 @@ def test_8bit_state_across_threads(pair):
     matches_reference(lists, centered=True, momentum=0.9, variance_state=True)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32], ids=["fp16-state", "fp32-state"])
+def test_every_float16_bit_pattern_converts_as_the_codec(state_dtype):
+    """fp16 streams are converted a tile at a time with the CPU's instructions (half_tiles.h) where
+    it has them: every one of the 65,536 fp16 values as a param, a grad and a state value
+    (subnormals, infinities, NaNs with payloads), tiles cut at odd sizes, against the reference to
+    the bit; the NaNs in the same places and each the codec's sign | 0x7E00, where vcvtps2ph keeps
+    a payload (their signs are torch's in the reference, so only the places are compared)."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(fresh_seed()))]
+    sizes = [1, 255, 257, every.numel() - 513]
+    lists = make_lists(sizes, torch.float16, momentum=0.9, state_dtype=state_dtype, seed=fresh_seed())
+    for key, source in (("params", every), ("grads", shuffled)):
+        for t, part in zip(lists[key], source.split(sizes)):
+            t.copy_(part.view(t.shape))
+    if state_dtype == torch.float16:  # square_avg >= 0 (sqrt); momentum: every value
+        for t, part in zip(lists["square_avgs"], every.abs().flip(0).split(sizes)):
+            t.copy_(part.view(t.shape))
+        for t, part in zip(lists["momentum_buffers"], shuffled.flip(0).split(sizes)):
+            t.copy_(part.view(t.shape))
+    expected, actual = clone_lists(lists), clone_lists(lists)
+    for options in (dict(momentum=0.9), dict(momentum=0.9, grad_scale=torch.tensor(0.5))):
+        step(expected, "reference", **options)
+        step(actual, "cpu", **options)
+        for key in ("params", "grads", "square_avgs", "momentum_buffers"):
+            for i, (a, e) in enumerate(zip(actual[key], expected[key])):
+                nan = a.isnan()
+                assert torch.equal(nan, e.isnan()), f"{options}: {key}[{i}]: NaN in other places"
+                bits = torch.int16 if a.dtype == torch.float16 else torch.int32
+                different = int((a.view(bits) != e.view(bits))[~nan].sum())
+                assert different == 0, f"{options}: {key}[{i}]: {different} elements differ in their bits"
+                written = key != "grads" or "grad_scale" in options  # (AMP writes the grads back)
+                if a.dtype == torch.float16 and written:
+                    assert bool(((a[nan].view(torch.int16) & 0x7FFF) == 0x7E00).all()), f"{key}[{i}]: NaN not canonical"
+
+
 def test_every_element_is_written():
     """The update is in place, so "written" means "changed": with random float32 inputs every
     element of the param and of each state tensor gets a new value, and a skipped element would

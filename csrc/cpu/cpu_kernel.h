@@ -24,6 +24,7 @@
 #include "../element_codec.h"
 #include "../step_args.h"
 #include "../rmsprop_update.h"
+#include "half_tiles.h"
 
 namespace rmsprop_fused {
 namespace cpu {
@@ -71,6 +72,7 @@ struct Kernel {
   using StateCodec = ElementCodec<std::conditional_t<kQuantized, float, state_t>>;
   using S = std::conditional_t<kQuantized, uint8_t, typename StateCodec::storage_t>;
   using opmath_t = at::opmath_type<param_t>;
+  using state_type = state_t;
   using Variant = Variant_;
   static constexpr bool kStochastic = kStochastic_;
   static constexpr bool kVarianceState = kVarianceState_;
@@ -112,15 +114,84 @@ inline __attribute__((always_inline)) void update_element(
   opmath_t v = SC::load(square_avg[i]);
   opmath_t m = V::kCentered ? SC::load(grad_avg[i]) : opmath_t(0);
   opmath_t b = V::kMomentum ? SC::load(momentum_buffer[i]) : opmath_t(0);
-  if constexpr (K::kVarianceState) v = square_avg_from_variance(v, m);
-  rmsprop_update<V>(p, g, v, m, b, s);
-  if constexpr (K::kVarianceState) v = variance_from_square_avg(v, m);
+  rmsprop_update<V, K::kVarianceState>(p, g, v, m, b, s);
   param[i] = store<PC, K::kStochastic>(p, keys.param, i);
   square_avg[i] = store<SC, K::kStochastic>(v, keys.square_avg, i);
   if constexpr (V::kUnscaleGrad) grad[i] = PC::store(g);  // the unscaled grad, rounded to nearest
   if constexpr (V::kCentered) grad_avg[i] = store<SC, K::kStochastic>(m, keys.grad_avg, i);
   if constexpr (V::kMomentum) {
     momentum_buffer[i] = store<SC, K::kStochastic>(b, keys.momentum_buffer, i);
+  }
+}
+
+// The element kernel of the float32 values of an fp16 kernel's tile (update_half_tiles): float
+// params, and float state where the kernel's state is fp16. The opmath (float) is the same, so
+// each element computes the same bits.
+template <class K>
+using TileKernel =
+    Kernel<float, std::conditional_t<std::is_same_v<typename K::state_type, c10::Half>, float,
+                                     typename K::state_type>,
+           typename K::Variant, false, K::kVarianceState>;
+
+template <class K>
+constexpr bool kConvertsHalfTiles =
+#if defined(RMSPROP_CPU_HALF_TILES)
+    std::is_same_v<typename K::ParamCodec, ElementCodec<c10::Half>> && !K::kStochastic &&
+    !K::kQuantized;
+#else
+    false;
+#endif
+
+// Elements [begin, end) of one tensor of an fp16 kernel, kTile at a time: its fp16 streams
+// converted to float32 with the CPU's conversion instructions (half_tiles.h), updated in L1, and
+// converted back. (Stochastic rounding keeps the
+// codec: it works on the rounded neighbours.)
+template <class K>
+inline __attribute__((always_inline)) void update_half_tiles(
+    uint16_t* __restrict__ param, uint16_t* __restrict__ grad, typename K::S* __restrict__ square_avg,
+    typename K::S* __restrict__ grad_avg, typename K::S* __restrict__ momentum_buffer,
+    int64_t begin, int64_t end, const StepScalars<float>& scalars) {
+  using V = typename K::Variant;
+  using T = TileKernel<K>;
+  constexpr bool kHalfState = std::is_same_v<typename K::state_type, c10::Half>;
+  constexpr int64_t kTile = 512;
+  constexpr int64_t kLine = kCacheLineBytes / sizeof(uint16_t);
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(uint16_t);
+  alignas(64) float p[kTile], g[kTile], v[kTile], m[kTile], b[kTile];
+  const RoundingKeys no_keys;
+  for (int64_t i = begin; i < end; i += kTile) {
+    const int64_t n = std::min(kTile, end - i);
+    halves_to_floats(param + i, p, n);
+    halves_to_floats(grad + i, g, n);
+    // where the state is fp16 it is converted too; other state is read and written in place
+    typename T::S* sv = reinterpret_cast<typename T::S*>(square_avg + i);
+    typename T::S* sm = reinterpret_cast<typename T::S*>(V::kCentered ? grad_avg + i : nullptr);
+    typename T::S* sb = reinterpret_cast<typename T::S*>(V::kMomentum ? momentum_buffer + i : nullptr);
+    if constexpr (kHalfState) {
+      halves_to_floats(square_avg + i, sv = v, n);
+      if constexpr (V::kCentered) halves_to_floats(grad_avg + i, sm = m, n);
+      if constexpr (V::kMomentum) halves_to_floats(momentum_buffer + i, sb = b, n);
+    }
+    int64_t k = 0;
+    for (; k + kLine <= n; k += kLine) {
+      // kPrefetchBytes ahead, up to the range's last element (a select, not a branch)
+      const int64_t ahead = std::min(i + k + kAhead, end - 1);
+      __builtin_prefetch(param + ahead, 0, 3);
+      __builtin_prefetch(grad + ahead, 0, 3);
+      __builtin_prefetch(square_avg + ahead, 0, 3);
+      if (V::kCentered) __builtin_prefetch(grad_avg + ahead, 0, 3);
+      if (V::kMomentum) __builtin_prefetch(momentum_buffer + ahead, 0, 3);
+#pragma omp simd
+      for (int64_t e = 0; e < kLine; ++e) update_element<T>(p, g, sv, sm, sb, k + e, scalars, no_keys);
+    }
+    for (; k < n; ++k) update_element<T>(p, g, sv, sm, sb, k, scalars, no_keys);
+    floats_to_halves(p, param + i, n);
+    if constexpr (V::kUnscaleGrad) floats_to_halves(g, grad + i, n);
+    if constexpr (kHalfState) {
+      floats_to_halves(v, square_avg + i, n);
+      if constexpr (V::kCentered) floats_to_halves(m, grad_avg + i, n);
+      if constexpr (V::kMomentum) floats_to_halves(b, momentum_buffer + i, n);
+    }
   }
 }
 
@@ -137,6 +208,10 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
                                      const RoundingKeys keys) {
   using P = typename K::P;
   using V = typename K::Variant;
+  if constexpr (kConvertsHalfTiles<K>) {
+    update_half_tiles<K>(param, grad, square_avg, grad_avg, momentum_buffer, begin, end, scalars);
+    return;
+  }
   static_assert(kCacheLineBytes % sizeof(P) == 0);
   constexpr int64_t kLine = kCacheLineBytes / sizeof(P);
   constexpr int64_t kAhead = kPrefetchBytes / sizeof(P);
@@ -228,9 +303,7 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
       float vk = v[k];
       float mk = V::kCentered ? m[k] : 0.0f;
       float bk = V::kMomentum ? b[k] : 0.0f;
-      if constexpr (K::kVarianceState) vk = square_avg_from_variance(vk, mk);
-      rmsprop_update<V>(p, g, vk, mk, bk, s);
-      if constexpr (K::kVarianceState) vk = variance_from_square_avg(vk, mk);
+      rmsprop_update<V, K::kVarianceState>(p, g, vk, mk, bk, s);
       param[i] = store<PC, K::kStochastic>(p, keys.param, i);
       if constexpr (V::kUnscaleGrad) grad[i] = PC::store(g);
       v[k] = vk;
