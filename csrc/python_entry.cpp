@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/total_norm.h"
 #include "step_args.h"
 
 namespace {
@@ -75,6 +76,11 @@ PYBIND11_MODULE(_C, m) {
   // The lists are converted while the GIL is held; the kernels run without it.
   m.def("step_", &step_, "torch.ops.rmsprop_fused.rmsprop_, called with lists of tensors "
         "(positional: the nine lists, then every scalar of the schema in its order)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("total_norm", &rmsprop_fused::cpu::total_norm,
+        "The norm of order norm_type of all elements of CPU tensors of one dtype (a 0-d float32 "
+        "tensor, float64 for float64): clipping's norm without one op call per tensor",
+        pybind11::arg("tensors"), pybind11::arg("norm_type"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<StepLists>(m, "StepLists",
                               "A step's params, square_avgs, grad_avgs, momentum_buffers and "

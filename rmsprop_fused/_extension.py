@@ -72,8 +72,8 @@ def _load() -> None:
         return
     missing = [f"no op rmsprop_fused::{op}" for op in ("rmsprop_", "first_irregular", "overlapping_pair")
                if not hasattr(torch.ops.rmsprop_fused, op)]
-    if not hasattr(_module, "step_"):
-        missing.append("no function rmsprop_fused._C.step_")
+    missing += [f"no function rmsprop_fused._C.{name}" for name in ("step_", "StepLists", "total_norm")
+                if not hasattr(_module, name)]
     if missing:
         load_error = f"the C++ extension loaded but has {missing[0]}: {_REBUILD}"
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from rmsprop_fused import FusedRMSprop
 from rmsprop_fused import clipping
-from common import assert_close, fresh_seed
+from common import assert_close, available, fresh_seed
 from reliability_common import BACKEND_DEVICES, Snapshot, require
 
 STEPS = 8
@@ -132,6 +132,35 @@ def test_16_bit_grads_are_normed_in_float32():
     opt = FusedRMSprop([p], lr=1.0, max_grad_norm=1.0)
     opt.step()
     assert bool(torch.isfinite(p).all()) and bool((p != 0).all())
+
+
+# The CPU norm (the extension's total_norm) sums in float64 and rounds once; torch sums float32
+# in float32 (a cascade: a relative error of about log2(n) ulps for n elements), so the two agree
+# to 32 float32 ulps (n <= 2^17 here); float64 to 64 ulps.
+_NORM_RTOL = {torch.float32: 32 * torch.finfo(torch.float32).eps, torch.float64: 64 * torch.finfo(torch.float64).eps}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf], ids=["l2", "l1", "l3.5", "inf"])
+def test_cpu_total_norm_matches_torch(dtype, norm_type):
+    """Small tensors summed by the extension, large and non-contiguous ones by torch's op, all in
+    one norm: torch.nn.utils.get_total_norm's value (its 16-bit norms taken in float32)."""
+    if not available("cpu"):
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    shapes = [(1,), (7, 5), (4095,), (4096,), (300, 400), (3,)]
+    grads = [(torch.randn(s, generator=gen, dtype=torch.float64) * 3).to(dtype) for s in shapes]
+    grads.append((torch.randn(40, 30, generator=gen, dtype=torch.float64)).to(dtype).t())  # not contiguous
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = torch.nn.utils.get_total_norm([g.to(accumulate) for g in grads], norm_type)
+    actual = clipping.grad_norm(grads, norm_type)
+    assert actual.dtype == accumulate and actual.shape == ()
+    torch.testing.assert_close(actual, expected, rtol=_NORM_RTOL[accumulate], atol=0)
+    for bad, in_small in ((math.nan, True), (math.nan, False), (math.inf, True), (math.inf, False)):
+        poisoned = [g.clone() for g in grads]
+        poisoned[0 if in_small else 4].view(-1)[0] = bad  # one element: the norm is NaN / inf
+        norm = float(clipping.grad_norm(poisoned, norm_type))
+        assert (math.isnan(norm) if math.isnan(bad) else norm == math.inf), (bad, in_small, norm)
 
 
 def test_clipping_under_torch_compile_matches_eager():
