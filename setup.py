@@ -14,7 +14,8 @@ Environment switches:
   RMSPROP_FUSED_BUILD_EXTENSION=0   build nothing (pure Python: reference and Triton backends)
   RMSPROP_FUSED_BUILD_CUDA=0        skip the CUDA kernel
   TORCH_CUDA_ARCH_LIST              CUDA architectures; default "8.0;9.0+PTX" when no GPU is visible
-  MAX_JOBS                          parallel compile jobs (ninja)
+  MAX_JOBS                          parallel compile jobs (ninja; without ninja the sources
+                                    compile one after another, and setup.py warns)
 """
 
 import glob
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 
 from setuptools import setup
 
@@ -63,7 +65,7 @@ def extensions_and_cmdclass():
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)  # read by torch.utils.cpp_extension on import
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, is_ninja_available
 
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     build_cuda = env_flag("RMSPROP_FUSED_BUILD_CUDA", True)
@@ -99,7 +101,7 @@ def extensions_and_cmdclass():
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
 
-    sources = ["csrc/rmsprop_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/python_entry.cpp", "csrc/rmsprop_op.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         main = CUDAExtension(
@@ -162,7 +164,15 @@ def extensions_and_cmdclass():
             info_path = getattr(self, "info_path", None)
             return outputs + [info_path] if info_path else outputs
 
-    return extensions, {"build_ext": BuildWithInfo.with_options(use_ninja=shutil.which("ninja") is not None)}
+    use_ninja = is_ninja_available()
+    if not use_ninja:
+        # pip shows a build's output only with -v, so the README says this too.
+        n_sources = sum(len(ext.sources) for ext in extensions)
+        warnings.warn(
+            f"rmsprop_fused: ninja was not found, so the {n_sources} sources compile one after another "
+            "and MAX_JOBS is ignored (`pip install ninja` makes the build parallel)"
+        )
+    return extensions, {"build_ext": BuildWithInfo.with_options(use_ninja=use_ninja)}
 
 
 def visible_gpu_arch_list(torch) -> str:
@@ -188,4 +198,9 @@ def nvcc_version(nvcc):
 
 
 ext_modules, cmdclass = extensions_and_cmdclass()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# package_dir names the checkout's root as where the packages live. An editable install
+# (`pip install -e .`) then puts that root on sys.path, as `setup.py develop` did, instead of
+# setuptools' import hook, which also resolves `rmsprop_fused._C` for a copy of the package
+# imported from elsewhere, finding the checkout's extension for it (the extension-loading tests
+# run such copies).
+setup(ext_modules=ext_modules, cmdclass=cmdclass, package_dir={"": "."})

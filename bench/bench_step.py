@@ -1,6 +1,6 @@
 """Times `optimizer.step()` of FusedRMSprop's backends against torch.optim.RMSprop.
 
-    python bench/bench_step.py --quick          # about a minute on a 2-core CPU
+    python bench/bench_step.py --quick          # about 45 s on an idle 2-core CPU, minutes under load
     python bench/bench_step.py                  # every list x option set x dtype
     python bench/bench_step.py --device cuda    # the same on a GPU
 
@@ -15,8 +15,9 @@ element) divided by the median step time, and as a fraction of the copy bandwidt
 same run, just before the list's cases. Ratios between implementations come from one run on one
 machine; absolute numbers from a shared machine are only as good as its load was quiet.
 
-Writes a table to the terminal, and <out>/<device>.json and <out>/<device>.png (GB/s by case and
-implementation, with the copy bandwidth as a line).
+Writes a table to stdout (a progress bar goes to stderr when it is a terminal), and
+<out>/<device>.json and <out>/<device>.png, <out> being bench/out unless --out says otherwise
+(the plot: GB/s by case and implementation with each median step time, the copy bandwidth as a line).
 
 Reading CPU numbers from a shared machine: the fused step enters one parallel region per step;
 torch's paths enter one per op per tensor (about 740 for GPT-2's list with the for-loop), and on
@@ -627,7 +628,8 @@ def environment(device: torch.device) -> dict:
 
 def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str) -> None:
     """GB/s by case and implementation, one panel per parameter list, the copy and in-place add
-    bandwidths of the same run as horizontal lines; whiskers span the IQR of the step time."""
+    bandwidths of the same run as horizontal lines; whiskers span the IQR of the step time, and
+    each bar is labelled with its median step time (the GB/s compare lists, the times do not)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -636,13 +638,14 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
     lists = list(dict.fromkeys(r["list_name"] for r in rows))
     impls = [i for i in ALL_IMPLS if any(r["impl"] == i and r.get("gbps") for r in rows)]
     colours = dict(zip(ALL_IMPLS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(len(lists), 1, figsize=(max(8.0, 1.6 + 1.9 * _max_cases(rows)), 3.3 * len(lists)), squeeze=False)
+    fig, axes = plt.subplots(len(lists), 1, figsize=(max(8.0, 1.6 + 1.9 * _max_cases(rows)), 0.6 + 3.3 * len(lists)),
+                             squeeze=False, layout="constrained")  # constrained: room for the suptitle and the legends
     width = 0.8 / max(1, len(impls))
     for ax, list_name in zip(axes[:, 0], lists):
         list_rows = [r for r in rows if r["list_name"] == list_name]
         cases = list(dict.fromkeys((r["dtype"], r["options"]) for r in list_rows))
         for j, impl in enumerate(impls):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, lo, hi, times = [], [], [], [], []
             for i, case in enumerate(cases):
                 r = next((r for r in list_rows if (r["dtype"], r["options"]) == case and r["impl"] == impl and r.get("gbps")), None)
                 if r is None:
@@ -651,8 +654,11 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
                 ys.append(r["gbps"])
                 lo.append(r["gbps"] - effective_gbps(r["min_bytes"], r["q3_s"]))
                 hi.append(effective_gbps(r["min_bytes"], r["q1_s"]) - r["gbps"])
+                times.append(r["median_s"])
             if xs:  # an implementation that sat out this whole list gets no legend entry here
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl, color=colours[impl])
+                for x, y, h, t in zip(xs, ys, hi, times):
+                    ax.text(x, y + h, f" {_ms(t)} ms", rotation=90, ha="center", va="bottom", fontsize=6)
         bw = bandwidths[list_name]
         ax.axhline(bw["copy_gbps"], color="black", linestyle="--", linewidth=1, label=f"copy_ {bw['copy_gbps']:.0f} GB/s")
         ax.axhline(bw["inplace_add_gbps"], color="grey", linestyle=":", linewidth=1, label=f"in-place add_ {bw['inplace_add_gbps']:.0f} GB/s")
@@ -660,14 +666,15 @@ def plot(rows: Sequence[dict], bandwidths: Dict[str, dict], env: dict, path: str
         first = list_rows[0]
         tensors = f"{first['n_tensors']} tensor" + ("s" if first["n_tensors"] != 1 else "")
         ax.set_title(f"{list_name}: {tensors}, {first['numel'] / 1e6:.1f}M elements", fontsize=10)
-        ax.set_ylabel("effective GB/s")
+        ax.set_ylabel("effective GB/s\n(higher is better)")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room for the labels of the tallest bars
         ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(
-        f"RMSprop step on {env['device_name']} ({_threads(env)}) - minimum bytes / median time\n"
-        f"torch {env['torch']}, {env['date'][:10]}, load average at the start {env['load_average_1_5_15min']}",
-        fontsize=10,
+        f"RMSprop step on {env['device_name']} ({_threads(env)}), torch {env['torch']}, {env['date'][:10]}\n"
+        f"load average at the start {env['load_average_1_5_15min']}; bars: minimum bytes of a fused pass / median step time\n"
+        "whiskers: interquartile range of the step time; labels: median step time",
+        fontsize=9,
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -718,11 +725,13 @@ class SimpleProgress:
 
 
 def progress_bar(total: int):
+    """A bar on stderr while stderr is a terminal, none otherwise: the table rows go to stdout, and
+    a log that captures both (`> log 2>&1`) then holds the table alone."""
     try:
         from tqdm import tqdm
     except ImportError:
         return SimpleProgress(total)
-    return tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr, disable=None)  # None: off unless a TTY
 
 
 # ----------------------------------------------------------------------------- command line
@@ -734,11 +743,13 @@ QUICK_PLAN = TimingPlan(warmup=1, repeats=5, min_time=0.0, max_repeats=5)
 FULL_PLAN = TimingPlan()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="GPT-2 fp32 plain and centered+momentum, many-small fp32 plain; 5 steps each; no torch.compile, no reference backend")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="directory for the JSON and PNG (default: bench/results)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the params live (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for the JSON and PNG (default: bench/out; "
+                        "bench/results holds the committed runs, add one with --out bench/results)")
     parser.add_argument("--lists", help=f"comma-separated, from {', '.join(LISTS)} (default: all)")
     parser.add_argument("--options", help=f"comma-separated, from {', '.join(OPTION_SETS)} (default: all)")
     parser.add_argument("--dtypes", help=f"comma-separated, from {', '.join(DTYPES)} (default: fp32,bf16)")
@@ -753,8 +764,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "optimizers fit in this much memory together (default: half the memory available at the start)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's, one per core). "
                         "With 1 no step waits at a parallel region's barrier for a thread that another process preempted")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random params and grads (default 0)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def _pick(text: Optional[str], known: Iterable[str], what: str) -> Optional[List[str]]:

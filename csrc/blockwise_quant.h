@@ -15,6 +15,8 @@
 // against these tables bitwise.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
 
 #include "element_codec.h"
@@ -147,15 +149,70 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE int floor_code(float x, const float* ma
   return code;
 }
 
-// The code of the entry nearest to x: of map[floor] and map[floor + 1], the one at the smaller
-// float32 distance, the lower one on a tie (what an argmin over all 256 distances picks).
-RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint8_t quantize(float x, const float* map) {
-  const int below = floor_code(x, map);
-  const int above = below < kCodes - 1 ? below + 1 : below;
+// Of map[below] and map[below + 1], the code of the one at the smaller float32 distance from x,
+// the lower one on a tie (what an argmin over all 256 distances picks).
+// (Arithmetic on the comparisons rather than selects: the CPU would branch on them, and guess
+// wrong half the time.)
+RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint8_t nearest_code(float x, int below, const float* map) {
+  const int above = below + (below < kCodes - 1);
   const float distance_below = x - map[below];
   const float distance_above = map[above] - x;
-  return static_cast<uint8_t>(distance_above < distance_below ? above : below);
+  return static_cast<uint8_t>(below + static_cast<int>(distance_above < distance_below) * (above - below));
 }
+
+// The code of the entry nearest to x.
+RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint8_t quantize(float x, const float* map) {
+  return nearest_code(x, floor_code(x, map), map);
+}
+
+#if !defined(__CUDACC__)
+// floor_code in two reads instead of eight, for the CPU, where eight dependent reads per element
+// and state tensor cost more than the rest of the step. Buckets of 2^15 consecutive float bit
+// patterns (a 256th of a binade) hold at most one map entry each (the entries are at least 0.7%
+// apart; checked when the table is built), so floor_code(x) is the bucket's first code or the
+// next. Exactly floor_code's result, hence quantize's: the tests check it against both.
+class FloorTable {
+ public:
+  static constexpr int kShift = 15;
+  static constexpr uint32_t kBuckets = (UINT32_C(0x3F800000) >> kShift) + 1;  // |x| up to 1.0
+
+  explicit FloorTable(const float* map) : map_(map) {
+    for (uint32_t bucket = 0; bucket < kBuckets; ++bucket) {
+      const float low = bits_float(bucket << kShift);
+      const float high = bits_float(((bucket + 1) << kShift) - 1);  // the bucket's last float
+      first_[bucket] = static_cast<uint8_t>(floor_code(low, map));
+      first_[kBuckets + bucket] = static_cast<uint8_t>(floor_code(-high, map));
+      TORCH_INTERNAL_ASSERT(floor_code(high, map) - first_[bucket] <= 1 &&
+                                floor_code(-low, map) - first_[kBuckets + bucket] <= 1,
+                            "rmsprop_fused: a code map bucket holds two entries");
+    }
+  }
+
+  // floor_code(x, map), with no branch on the data (signs and codes are unpredictable).
+  inline int floor(float x) const {
+    const uint32_t bits = float_bits(x);
+    uint32_t bucket = (bits & UINT32_C(0x7FFFFFFF)) >> kShift;
+    bucket = bucket < kBuckets ? bucket : kBuckets - 1;
+    const int first = first_[(bits >> 31) * kBuckets + bucket];  // negatives in the upper half
+    const int next = first + (first < kCodes - 1);
+    const int below = first + static_cast<int>(map_[next] <= x) * (next - first);
+    return static_cast<int>(x == x) * below;  // NaN: 0
+  }
+
+  inline uint8_t quantize(float x) const { return nearest_code(x, floor(x), map_); }
+
+ private:
+  const float* map_;
+  uint8_t first_[2 * kBuckets];  // the bucket's first code: for |x| in it, x >= 0, then x < 0
+};
+
+// The tables of the two maps, built on first use.
+inline const FloorTable& floor_table(bool is_signed) {
+  static const FloorTable signed_table(kSignedMap);
+  static const FloorTable unsigned_table(kUnsignedMap);
+  return is_signed ? signed_table : unsigned_table;
+}
+#endif
 
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float dequantize(uint8_t code, float scale,
                                                           const float* map) {

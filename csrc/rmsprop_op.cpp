@@ -1,8 +1,8 @@
 // The ops' schemas, defined once. rmsprop_ (the step) is implemented per backend with
 // TORCH_LIBRARY_IMPL in csrc/cpu/ and csrc/cuda/; its Python wrapper is
 // rmsprop_fused/_extension.py, and a fake (meta) implementation for torch.compile is registered
-// there too. The other ops read only metadata, or serve the tests, on every device.
-#include <Python.h>
+// there too. The other ops read only metadata, or serve the tests, on every device. (The Python
+// module itself, rmsprop_fused._C, is csrc/python_entry.cpp.)
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isin.h>
@@ -16,15 +16,6 @@
 
 #include "blockwise_quant.h"
 #include "rmsprop_op.h"
-
-extern "C" {
-// `import rmsprop_fused._C` loads this shared object, which runs the static registrations below.
-// The module itself has no attributes: the entry points are torch.ops.rmsprop_fused.*.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace rmsprop_fused {
 namespace {
@@ -165,8 +156,9 @@ at::Tensor code_map(bool is_signed) {
   return map;
 }
 
-// The C++ quantizer on a contiguous float32 CPU tensor: (codes, scales). For the tests, which
-// check it against a brute-force nearest-code search and against the reference's.
+// The C++ quantizer on a contiguous float32 CPU tensor, as the CPU kernel encodes a block:
+// (codes, scales). For the tests, which check it against a brute-force nearest-code search,
+// against the branchless binary search (quantize_code) and against the reference's.
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, bool is_signed) {
   TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat &&
                   values.is_contiguous(),
@@ -176,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, 
   at::Tensor scales = at::empty({quant_blocks(n)}, values.options());
   const float* x = values.data_ptr<float>();
   uint8_t* c = codes.data_ptr<uint8_t>();
-  const float* map = quantization::code_map(is_signed);
+  const quantization::FloorTable& table = quantization::floor_table(is_signed);
   for (int64_t block = 0; block < quant_blocks(n); ++block) {
     const int64_t begin = block * quantization::kQuantBlock;
     const int64_t end = std::min(n, begin + quantization::kQuantBlock);
@@ -184,9 +176,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, 
     for (int64_t i = begin; i < end; ++i) absmax.add(x[i]);
     const float scale = absmax.scale();
     scales.data_ptr<float>()[block] = scale;
-    for (int64_t i = begin; i < end; ++i) c[i] = quantization::quantize(quantization::normalize(x[i], scale), map);
+    for (int64_t i = begin; i < end; ++i) c[i] = table.quantize(quantization::normalize(x[i], scale));
   }
   return {codes, scales};
+}
+
+// quantize() (the binary search the GPU kernels run) of each element of a float32 CPU tensor.
+at::Tensor quantize_code(const at::Tensor& values, bool is_signed) {
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat &&
+                  values.is_contiguous(),
+              "rmsprop_fused: quantize_code takes a contiguous float32 CPU tensor");
+  at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
+  const float* x = values.data_ptr<float>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < values.numel(); ++i) {
+    c[i] = quantization::quantize(x[i], quantization::code_map(is_signed));
+  }
+  return codes;
 }
 
 }  // namespace
@@ -214,4 +220,5 @@ TORCH_LIBRARY(rmsprop_fused, m) {
   m.def("code_map(bool signed) -> Tensor", &rmsprop_fused::code_map);
   m.def("quantize_blockwise(Tensor values, bool signed) -> (Tensor, Tensor)",
         &rmsprop_fused::quantize_blockwise);
+  m.def("quantize_code(Tensor values, bool signed) -> Tensor", &rmsprop_fused::quantize_code);
 }

@@ -1,10 +1,12 @@
 // The argument checks every implementation of rmsprop_fused::rmsprop_ (CPU, CUDA, the host build
 // of the CUDA kernel) runs before it writes anything: a refused call leaves every tensor as it
-// was. The arguments are in step_args.h, the schema in rmsprop_op.cpp; docs/DESIGN.md section 2
+// was, and raises ValueError (TORCH_CHECK_VALUE), which FusedRMSprop's fast path tells from a
+// failure inside a kernel. The arguments are in step_args.h, the schema in rmsprop_op.cpp; docs/DESIGN.md section 2
 // explains them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
@@ -94,24 +96,24 @@ inline bool step_matches(const at::Tensor& param, const at::Tensor& step) {
 inline void check_companion(const at::Tensor& param, const at::Tensor& t, at::ScalarType dtype,
                             const char* list, size_t i) {
   if (companion_matches(param, t, dtype)) return;
-  TORCH_CHECK(t.defined(), "rmsprop_fused: ", list, "[", i, "] is undefined");
-  TORCH_CHECK(t.layout() == c10::kStrided, "rmsprop_fused: ", list, "[", i,
+  TORCH_CHECK_VALUE(t.defined(), "rmsprop_fused: ", list, "[", i, "] is undefined");
+  TORCH_CHECK_VALUE(t.layout() == c10::kStrided, "rmsprop_fused: ", list, "[", i,
               "] has layout ", t.layout(), "; RMSprop does not support sparse gradients");
-  TORCH_CHECK(t.device() == param.device(), "rmsprop_fused: ", list, "[", i, "] is on ",
+  TORCH_CHECK_VALUE(t.device() == param.device(), "rmsprop_fused: ", list, "[", i, "] is on ",
               t.device(), " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "rmsprop_fused: ", list, "[", i, "] has dtype ",
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "rmsprop_fused: ", list, "[", i, "] has dtype ",
               t.scalar_type(), " but this call's ", list, " are ", dtype);
-  TORCH_CHECK(t.sizes() == param.sizes(), "rmsprop_fused: ", list, "[", i, "] has shape ",
+  TORCH_CHECK_VALUE(t.sizes() == param.sizes(), "rmsprop_fused: ", list, "[", i, "] has shape ",
               t.sizes(), " but params[", i, "] has shape ", param.sizes());
-  TORCH_CHECK(same_memory_layout(param, t), "rmsprop_fused: ", list, "[", i, "] has strides ",
+  TORCH_CHECK_VALUE(same_memory_layout(param, t), "rmsprop_fused: ", list, "[", i, "] has strides ",
               t.strides(), " but params[", i, "] has strides ", param.strides());
-  TORCH_CHECK(is_resolved(t), "rmsprop_fused: ", list, "[", i,
+  TORCH_CHECK_VALUE(is_resolved(t), "rmsprop_fused: ", list, "[", i,
               "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
 }
 
 inline void check_scale(const at::Tensor& state, const at::Tensor& scale, const char* list,
                         size_t i) {
-  TORCH_CHECK(scale_matches(state, scale), "rmsprop_fused: ", list, "[", i,
+  TORCH_CHECK_VALUE(scale_matches(state, scale), "rmsprop_fused: ", list, "[", i,
               "] must be a contiguous float32 tensor of ", quant_blocks(state.numel()),
               " elements (one per 256 of the state's ", state.numel(), ") on ", state.device(),
               ", got ", scale.defined() ? scale.toString() : std::string("undefined"), " ",
@@ -122,11 +124,11 @@ inline void check_scale(const at::Tensor& state, const at::Tensor& scale, const 
 inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name,
                                 const c10::Device& device) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, "rmsprop_fused: ", name, " must have one element, got ",
+  TORCH_CHECK_VALUE(t->numel() == 1, "rmsprop_fused: ", name, " must have one element, got ",
               t->numel());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "rmsprop_fused: ", name,
+  TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()), "rmsprop_fused: ", name,
               " must be a floating-point tensor, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == device, "rmsprop_fused: ", name, " is on ", t->device(),
+  TORCH_CHECK_VALUE(t->device() == device, "rmsprop_fused: ", name, " is on ", t->device(),
               " but the params are on ", device);
 }
 
@@ -173,7 +175,7 @@ inline void check_no_overlap(const TensorLists& lists) {
   // Sorted by start, a range overlaps an earlier one iff it starts before the furthest end so far.
   size_t furthest = 0;
   for (size_t k = 1; k < ranges.size(); ++k) {
-    TORCH_CHECK(ranges[k].begin >= ranges[furthest].end, "rmsprop_fused: ",
+    TORCH_CHECK_VALUE(ranges[k].begin >= ranges[furthest].end, "rmsprop_fused: ",
                 ranges[furthest].name.list, "[", ranges[furthest].name.index, "] and ",
                 ranges[k].name.list, "[", ranges[k].name.index,
                 "] share memory; every tensor a step writes must have its own (a tensor listed "
@@ -188,76 +190,88 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
   const TensorLists& l = args.lists;
   const Hyperparameters& h = args.hyper;
   const size_t n = l.params.size();
-  TORCH_CHECK(l.grads.size() == n && l.square_avgs.size() == n,
+  TORCH_CHECK_VALUE(l.grads.size() == n && l.square_avgs.size() == n,
               "rmsprop_fused: got ", n, " params, ", l.grads.size(), " grads and ",
               l.square_avgs.size(), " square_avgs; the lists must have equal lengths");
-  TORCH_CHECK(l.grad_avgs.size() == (h.centered ? n : 0), "rmsprop_fused: got ",
+  TORCH_CHECK_VALUE(l.grad_avgs.size() == (h.centered ? n : 0), "rmsprop_fused: got ",
               l.grad_avgs.size(), " grad_avgs for ", n, " params with centered=", h.centered);
-  TORCH_CHECK(l.momentum_buffers.size() == (h.momentum > 0 ? n : 0), "rmsprop_fused: got ",
+  TORCH_CHECK_VALUE(l.momentum_buffers.size() == (h.momentum > 0 ? n : 0), "rmsprop_fused: got ",
               l.momentum_buffers.size(), " momentum_buffers for ", n,
               " params with momentum=", h.momentum);
-  TORCH_CHECK(l.state_steps.empty() || l.state_steps.size() == n, "rmsprop_fused: got ",
+  TORCH_CHECK_VALUE(l.state_steps.empty() || l.state_steps.size() == n, "rmsprop_fused: got ",
               l.state_steps.size(), " state_steps for ", n, " params (pass none or one each)");
-  TORCH_CHECK(!h.nesterov || h.momentum > 0,
+  TORCH_CHECK_VALUE(!h.nesterov || h.momentum > 0,
               "rmsprop_fused: Nesterov momentum requires a momentum > 0");
-  TORCH_CHECK(!h.variance_state || h.centered,
+  TORCH_CHECK_VALUE(!h.variance_state || h.centered,
               "rmsprop_fused: variance_state holds square_avg - grad_avg^2 and needs centered=True");
-  TORCH_CHECK(!h.bias_correction || h.alpha < 1.0, "rmsprop_fused: bias_correction divides by ",
+  TORCH_CHECK_VALUE(!h.bias_correction || h.alpha < 1.0, "rmsprop_fused: bias_correction divides by ",
               "1 - alpha^step, which is 0 for alpha=", h.alpha);
-  TORCH_CHECK(!(h.bias_correction || h.rounding_seed.has_value()) || l.counts_steps() || n == 0,
+  TORCH_CHECK_VALUE(!(h.bias_correction || h.rounding_seed.has_value()) || l.counts_steps() || n == 0,
               "rmsprop_fused: bias_correction and stochastic rounding read each tensor's step "
               "count: pass state_steps");
   if (n == 0) {
-    TORCH_CHECK(l.state_steps.empty() && l.square_avg_scales.empty() &&
+    TORCH_CHECK_VALUE(l.state_steps.empty() && l.square_avg_scales.empty() &&
                     l.grad_avg_scales.empty() && l.momentum_buffer_scales.empty(),
                 "rmsprop_fused: got state_steps or scales for no params");
     return;
   }
 
   const at::Tensor& first = l.params[0];
-  TORCH_CHECK(first.defined(), "rmsprop_fused: params[0] is undefined");
-  TORCH_CHECK(first.device().type() == device_type, "rmsprop_fused: this implementation runs on ",
+  TORCH_CHECK_VALUE(first.defined(), "rmsprop_fused: params[0] is undefined");
+  TORCH_CHECK_VALUE(first.device().type() == device_type, "rmsprop_fused: this implementation runs on ",
               device_type, " tensors, got params on ", first.device());
   const auto dtype = first.scalar_type();
-  TORCH_CHECK(is_kernel_dtype(dtype), "rmsprop_fused: unsupported dtype ", dtype,
+  TORCH_CHECK_VALUE(is_kernel_dtype(dtype), "rmsprop_fused: unsupported dtype ", dtype,
               " (float64, float32, float16 and bfloat16 are supported; complex params go "
               "through torch.view_as_real)");
-  TORCH_CHECK(l.square_avgs[0].defined(), "rmsprop_fused: square_avgs[0] is undefined");
+  TORCH_CHECK_VALUE(l.square_avgs[0].defined(), "rmsprop_fused: square_avgs[0] is undefined");
   const auto state_dtype = l.square_avgs[0].scalar_type();
-  TORCH_CHECK(is_supported_state_dtype(dtype, state_dtype), "rmsprop_fused: ", dtype,
+  TORCH_CHECK_VALUE(is_supported_state_dtype(dtype, state_dtype), "rmsprop_fused: ", dtype,
               " params with ", state_dtype, " state are not supported (the state is the "
               "param's dtype; float32 or bfloat16 for 16-bit params, bfloat16 for float32 ones; "
               "uint8 codes with scales for float32, float16 and bfloat16 ones)");
   const bool quantized = state_dtype == at::kByte;
   const size_t scales_expected = quantized ? n : 0;
-  TORCH_CHECK(l.square_avg_scales.size() == scales_expected &&
+  TORCH_CHECK_VALUE(l.square_avg_scales.size() == scales_expected &&
                   l.grad_avg_scales.size() == (h.centered ? scales_expected : 0) &&
                   l.momentum_buffer_scales.size() == (h.momentum > 0 ? scales_expected : 0),
               "rmsprop_fused: ", state_dtype, " state takes ", quantized ? "one scale tensor" : "no scales",
               " per state tensor; got ", l.square_avg_scales.size(), ", ", l.grad_avg_scales.size(),
               " and ", l.momentum_buffer_scales.size(), " for ", n, " params");
-  TORCH_CHECK(!h.rounding_seed.has_value() || dtype == at::kHalf || dtype == at::kBFloat16 ||
+  TORCH_CHECK_VALUE(!h.rounding_seed.has_value() || dtype == at::kHalf || dtype == at::kBFloat16 ||
                   state_dtype == at::kBFloat16,
               "rmsprop_fused: stochastic rounding rounds float16 and bfloat16 values; this call "
               "stores none (", dtype, " params, ", state_dtype, " state)");
 
+  // torch refuses in-place updates of inference tensors outside inference mode; the kernels write
+  // through data pointers and would not.
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  const auto check_writable = [&](const at::Tensor& t, const char* list, size_t i) {
+    TORCH_CHECK_VALUE(inference_mode || !t.is_inference(), "rmsprop_fused: ", list, "[", i,
+                      "] is an inference tensor, which cannot be updated outside inference mode");
+  };
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = l.params[i];
-    TORCH_CHECK(p.defined(), "rmsprop_fused: params[", i, "] is undefined");
-    TORCH_CHECK(p.layout() == c10::kStrided, "rmsprop_fused: params[", i, "] has layout ",
+    TORCH_CHECK_VALUE(p.defined(), "rmsprop_fused: params[", i, "] is undefined");
+    TORCH_CHECK_VALUE(p.layout() == c10::kStrided, "rmsprop_fused: params[", i, "] has layout ",
                 p.layout(), "; only strided params are supported");
-    TORCH_CHECK(p.device() == first.device() && p.scalar_type() == dtype,
+    TORCH_CHECK_VALUE(p.device() == first.device() && p.scalar_type() == dtype,
                 "rmsprop_fused: params[", i, "] is ", p.scalar_type(), " on ", p.device(),
                 " but params[0] is ", dtype, " on ", first.device(),
                 "; one call updates one (device, dtype) group");
-    TORCH_CHECK(is_resolved(p), "rmsprop_fused: params[", i,
+    TORCH_CHECK_VALUE(is_resolved(p), "rmsprop_fused: params[", i,
                 "] is a conjugate or negative view; materialise it (resolve_conj, resolve_neg)");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "rmsprop_fused: params[", i,
+    TORCH_CHECK_VALUE(p.is_non_overlapping_and_dense(), "rmsprop_fused: params[", i,
                 "] is not dense (strides ", p.strides(), " for shape ", p.sizes(),
                 "): the op needs non-overlapping, gap-free memory (FusedRMSprop and the "
                 "functional rmsprop() update such params through a dense copy)");
+    check_writable(p, "params", i);
     check_companion(p, l.grads[i], dtype, "grads", i);
+    if (args.grad_scale.has_value()) check_writable(l.grads[i], "grads", i);
     check_companion(p, l.square_avgs[i], state_dtype, "square_avgs", i);
+    check_writable(l.square_avgs[i], "square_avgs", i);
+    if (h.centered) check_writable(l.grad_avgs[i], "grad_avgs", i);
+    if (h.momentum > 0) check_writable(l.momentum_buffers[i], "momentum_buffers", i);
     if (h.centered) check_companion(p, l.grad_avgs[i], state_dtype, "grad_avgs", i);
     if (h.momentum > 0) check_companion(p, l.momentum_buffers[i], state_dtype, "momentum_buffers", i);
     if (quantized) {
@@ -268,7 +282,7 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
       }
     }
     if (l.counts_steps()) {
-      TORCH_CHECK(step_matches(p, l.state_steps[i]), "rmsprop_fused: state_steps[", i,
+      TORCH_CHECK_VALUE(step_matches(p, l.state_steps[i]), "rmsprop_fused: state_steps[", i,
                   "] must be a one-element float32 tensor on ", p.device(), ", got ",
                   l.state_steps[i].defined() ? l.state_steps[i].toString() : std::string("undefined"));
     }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace rmsprop_fused {
 
@@ -61,6 +62,14 @@ struct StepArgs {
   std::optional<at::Tensor> clip_coef;   // grads are multiplied by it (clipping by global norm)
 };
 
+// The op's C++ signature, as the dispatcher's typed calls spell it (csrc/python_entry.cpp).
+using OpSignature = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                         at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                         at::TensorList, double, double, double, double, double, bool, bool, bool,
+                         bool, bool, bool, bool, bool, std::optional<int64_t>,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
 // The op's C++ signature, written once: an implementation is a function of the StepArgs, and
 // registers op_entry<itself> (TORCH_LIBRARY_IMPL needs a function of the schema's arguments).
 template <void (*Implementation)(const StepArgs&)>
@@ -83,5 +92,7 @@ void op_entry(at::TensorList params, at::TensorList grads, at::TensorList square
                       variance_state, rounding_seed},
       lr_tensor, grad_scale, found_inf, clip_coef});
 }
+static_assert(std::is_same_v<decltype(op_entry<nullptr>), OpSignature>,
+              "op_entry and OpSignature must spell the same signature");
 
 }  // namespace rmsprop_fused

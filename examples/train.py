@@ -3,7 +3,8 @@
     python examples/train.py --optimizer fused                  # MLP regression on the airfoil set
     python examples/train.py --optimizer torch --amp            # bf16 autocast on CPU
     python examples/train.py --device cuda --amp --backend cuda # fp16 autocast + GradScaler on a GPU
-    python examples/train.py --compare                          # both optimizers, same seed, side by side
+    python examples/train.py --compare                          # both optimizers, same seed, side by side,
+                                                                # and the time of one optimizer.step() each
     python examples/train.py --dataset digits                   # a small convnet (needs scikit-learn)
 
 The swap is one line (see make_optimizer): FusedRMSprop takes torch.optim.RMSprop's arguments and
@@ -27,10 +28,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +41,7 @@ from torch import nn
 from rmsprop_fused import FusedRMSprop
 
 import airfoil
+import image_sets
 
 
 @dataclass
@@ -73,15 +77,9 @@ def airfoil_task(data: Optional[str] = None, seed: int = 0) -> Task:
 
 def digits_task(seed: int = 0) -> Task:
     try:
-        from sklearn.datasets import load_digits
+        digits = image_sets.load_digits(seed)  # (1797, 1, 8, 8), split 80/20
     except ImportError as e:
-        raise SystemExit(f"--dataset digits needs scikit-learn ({e}); `pip install scikit-learn`, or use --dataset airfoil")
-    digits = load_digits()
-    X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8), pixels 0..16
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(X))
-    train, test = order[:split], order[split:]
+        raise SystemExit(f"--dataset digits: {e}; or use --dataset airfoil")
 
     def make_model():
         return nn.Sequential(
@@ -93,7 +91,8 @@ def digits_task(seed: int = 0) -> Task:
     def accuracy(logits, target):
         return (logits.argmax(dim=1) == target).float().mean().item()
 
-    return Task("digits", X[train], y[train], X[test], y[test], make_model, nn.functional.cross_entropy, "accuracy", accuracy)
+    return Task("digits", digits.x_train, digits.y_train, digits.x_test, digits.y_test, make_model,
+                nn.functional.cross_entropy, "accuracy", accuracy)
 
 
 def make_optimizer(name: str, params, *, lr: float, alpha: float, momentum: float, centered: bool, backend: str):
@@ -110,8 +109,8 @@ class History:
     step_losses: List[float] = field(default_factory=list)
     epoch_losses: List[float] = field(default_factory=list)
     test_metrics: List[float] = field(default_factory=list)
-    ms_per_step: List[float] = field(default_factory=list)
     skipped_steps: int = 0
+    step_seconds: List[float] = field(default_factory=list)  # optimizer.step() alone (compare)
 
 
 def _sync(device: torch.device) -> None:
@@ -158,8 +157,6 @@ def train(
     for epoch in range(1, epochs + 1):
         model.train()
         losses = []  # kept on the device: reading each loss would synchronise every step
-        _sync(device)
-        began = time.perf_counter()
         for batch in torch.randperm(len(x_train), generator=order_gen).split(batch_size):
             if steps is not None and total_steps >= steps:
                 break
@@ -172,14 +169,11 @@ def train(
             scaler.update()
             losses.append(loss.detach())
             total_steps += 1
-        _sync(device)
-        seconds = time.perf_counter() - began
         if not losses:
             break
         step_losses = torch.stack(losses).float().tolist()
         history.step_losses += step_losses
         history.epoch_losses.append(sum(step_losses) / len(step_losses))
-        history.ms_per_step.append(1e3 * seconds / len(step_losses))
         model.eval()
         with torch.no_grad(), autocast():
             history.test_metrics.append(task.metric(model(x_test), y_test))
@@ -187,20 +181,88 @@ def train(
         # adds found_inf == 0 on the device), so this needs no synchronisation inside the loop.
         history.skipped_steps = total_steps - int(optimizer.state[next(model.parameters())]["step"])
         log(f"epoch {epoch:>3}  train loss {history.epoch_losses[-1]:.5f}  test {task.metric_name} "
-            f"{history.test_metrics[-1]:.4f}  {history.ms_per_step[-1]:.3f} ms/step ({len(step_losses)} steps)")
+            f"{history.test_metrics[-1]:.4f}  ({len(step_losses)} steps)")
     return history
 
 
-def compare(task: Task, log: Callable[[str], None] = print, **kwargs) -> Sequence[History]:
+WARMUP_STEPS = 50
+
+
+def _machine(device: torch.device) -> str:
+    """What a CPU timing depends on: torch's threads and the load. Under load, each parallel region
+    of torch's step (its sqrt opens one even for 4,096 elements) can wait for a preempted thread."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return f"CPU, {torch.get_num_threads()} threads{load}"
+
+
+def time_optimizer_steps(
+    task: Task,
+    optimizer_names: Sequence[str],
+    *,
+    rounds: int = 1000,
+    warmup: int = WARMUP_STEPS,
+    device: str = "cpu",
+    backend: str = "auto",
+    lr: float = 1e-3,
+    alpha: float = 0.99,
+    momentum: float = 0.0,
+    centered: bool = False,
+    seed: int = 0,
+) -> Dict[str, List[float]]:
+    """The seconds of each `optimizer.step()` alone, `rounds` per optimizer after `warmup` (which
+    creates the state). A step of a model this small takes microseconds, lost in the time of a
+    training step (data, forward, backward), so it is timed by itself: every optimizer steps its
+    own copy of the model's params with the gradients of one batch, and they take turns, one step
+    each per round in a rotating order, so that load from other processes slows them alike."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = task.make_model().to(device)
+    task.loss_fn(model(task.x_train[:32].to(device)), task.y_train[:32].to(device)).backward()
+    steps = []
+    for name in optimizer_names:
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for clone, p in zip(params, model.parameters()):
+            clone.grad = p.grad.clone()
+        steps.append(make_optimizer(name, params, lr=lr, alpha=alpha, momentum=momentum, centered=centered, backend=backend).step)
+    times: Dict[str, List[float]] = {name: [] for name in optimizer_names}
+    for r in range(warmup + rounds):
+        for k in range(len(steps)):
+            i = (r + k) % len(steps)
+            _sync(device)
+            began = time.perf_counter()
+            steps[i]()
+            _sync(device)
+            if r >= warmup:
+                times[optimizer_names[i]].append(time.perf_counter() - began)
+    return times
+
+
+def compare(task: Task, log: Callable[[str], None] = print, timing_rounds: int = 1000, **kwargs) -> Sequence[History]:
     """torch.optim.RMSprop and FusedRMSprop from the same seed: the per-epoch losses side by
-    side and the largest difference between the two per-step loss curves."""
-    runs = [train(task, name, log=lambda line: None, **kwargs) for name in ("torch", "fused")]
+    side, the largest difference between the two per-step loss curves, and the median time of
+    one optimizer.step() of each (time_optimizer_steps; 0 rounds: not timed)."""
+    names = ("torch", "fused")
+    runs = [train(task, name, log=lambda line: None, **kwargs) for name in names]
     torch_run, fused_run = runs
-    log(f"{'epoch':>5}  {'torch loss':>12}  {'fused loss':>12}  {'difference':>10}  {'torch ms/step':>13}  {'fused ms/step':>13}")
-    for epoch, (a, b, ta, tb) in enumerate(zip(torch_run.epoch_losses, fused_run.epoch_losses, torch_run.ms_per_step, fused_run.ms_per_step), 1):
-        log(f"{epoch:>5}  {a:>12.6f}  {b:>12.6f}  {b - a:>10.2e}  {ta:>13.3f}  {tb:>13.3f}")
+    log(f"{'epoch':>5}  {'torch loss':>12}  {'fused loss':>12}  {'difference':>10}")
+    for epoch, (a, b) in enumerate(zip(torch_run.epoch_losses, fused_run.epoch_losses), 1):
+        log(f"{epoch:>5}  {a:>12.6f}  {b:>12.6f}  {b - a:>10.2e}")
     gap = max_difference(torch_run.step_losses, fused_run.step_losses)
     log(f"largest difference between the per-step loss curves ({len(torch_run.step_losses)} steps): {gap:.3e}")
+    if timing_rounds > 0:
+        options = {k: kwargs[k] for k in ("device", "backend", "lr", "alpha", "momentum", "centered", "seed") if k in kwargs}
+        times = time_optimizer_steps(task, names, rounds=timing_rounds, **options)
+        for run, name in zip(runs, names):
+            run.step_seconds = times[name]
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        log(f"optimizer.step() alone, median of {timing_rounds} steps each (taking turns, after {WARMUP_STEPS} warm-up "
+            f"steps; {_machine(torch.device(kwargs.get('device', 'cpu')))}):")
+        for name, label in zip(names, ("torch.optim.RMSprop", "FusedRMSprop")):
+            q1, _, q3 = statistics.quantiles(times[name], n=4)
+            log(f"  {label:<20} {medians[name] * 1e6:8.1f} us  (quartiles {q1 * 1e6:.1f}-{q3 * 1e6:.1f} us)")
+        log(f"  FusedRMSprop's step is {medians['torch'] / medians['fused']:.2f}x as fast")
     return runs
 
 

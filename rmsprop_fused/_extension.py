@@ -22,10 +22,15 @@ import torch
 from .errors import ExtensionUnavailableWarning
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_REBUILD = "rebuild it with `pip install --no-build-isolation .`"
+# A package imported from a checkout (a script run from the clone's root imports the source tree,
+# not the copy `pip install .` put in site-packages) needs the extension built into that tree.
+_IN_CHECKOUT = os.path.exists(os.path.join(os.path.dirname(_PACKAGE_DIR), "setup.py"))
+_REBUILD = ("rebuild it into the checkout with `pip install --no-build-isolation -e .`" if _IN_CHECKOUT
+            else "rebuild it with `pip install --no-build-isolation .`")
 
 build_info: Optional[dict] = None
 load_error: Optional[str] = None  # why the extension could not be loaded; None when loaded
+_module = None  # rmsprop_fused._C, once loaded
 
 
 def _load() -> None:
@@ -59,14 +64,18 @@ def _load() -> None:
     if truncated is not None:
         load_error = f"the C++ extension is damaged: {truncated}; {_REBUILD}"
         return
+    global _module
     try:
-        importlib.import_module("rmsprop_fused._C")
+        _module = importlib.import_module("rmsprop_fused._C")
     except (ImportError, OSError) as e:
         load_error = f"the C++ extension failed to load ({e}): {_REBUILD}"
         return
-    missing = [op for op in ("rmsprop_", "first_irregular", "overlapping_pair") if not hasattr(torch.ops.rmsprop_fused, op)]
+    missing = [f"no op rmsprop_fused::{op}" for op in ("rmsprop_", "first_irregular", "overlapping_pair")
+               if not hasattr(torch.ops.rmsprop_fused, op)]
+    if not hasattr(_module, "step_"):
+        missing.append("no function rmsprop_fused._C.step_")
     if missing:
-        load_error = f"the C++ extension loaded but registered no op rmsprop_fused::{missing[0]}: {_REBUILD}"
+        load_error = f"the C++ extension loaded but has {missing[0]}: {_REBUILD}"
 
 
 # ELF layout, by class (32 or 64 bit): the format of an address, where the program header table's
@@ -162,17 +171,34 @@ def rmsprop_extension(
     lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state, rounding_seed,
     grad_scale=None, found_inf=None, clip_coef=None,
 ) -> None:
-    """The `cpu` and `cuda` backends: the dispatcher picks the kernel by the tensors' device."""
+    """The `cpu` and `cuda` backends: the dispatcher picks the kernel by the tensors' device.
+    Eagerly through the module's step_ (the same op, with cheaper argument conversion:
+    csrc/python_entry.cpp); under torch.compile through torch.ops, which Dynamo traces."""
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    lr = 0.0 if lr_tensor is not None else float(lr)
+    if not torch.compiler.is_compiling():
+        _module.step_(
+            params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales,
+            grad_avg_scales, momentum_buffer_scales, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+            eps_in_sqrt, lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state,
+            rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef,
+        )
+        return
     torch.ops.rmsprop_fused.rmsprop_(
         params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
-        momentum_buffer_scales, lr=0.0 if lr_tensor is not None else float(lr), alpha=alpha, eps=eps,
+        momentum_buffer_scales, lr=lr, alpha=alpha, eps=eps,
         weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize,
         eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum, decoupled_weight_decay=decoupled_weight_decay,
         nesterov=nesterov, bias_correction=bias_correction, variance_state=variance_state,
         rounding_seed=rounding_seed, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
         clip_coef=clip_coef,
     )
+
+
+def step_lists(params, square_avgs, grad_avgs, momentum_buffers, state_steps):
+    """The params and state lists of a step, converted once (csrc/python_entry.cpp StepLists):
+    its step() takes the grads and the op's scalars, positionally."""
+    return _module.StepLists(params, square_avgs, grad_avgs, momentum_buffers, state_steps)
 
 
 if load_error is None:
@@ -184,15 +210,17 @@ if load_error is None:
                       centered, maximize, eps_in_sqrt, lr_in_momentum, decoupled_weight_decay, nesterov,
                       bias_correction, variance_state, rounding_seed=None, lr_tensor=None, grad_scale=None,
                       found_inf=None, clip_coef=None):
-        # The Meta key outranks CPU and CUDA: a call that mixes meta tensors with real ones lands
-        # here, and must fail as the real kernels would, not return having updated nothing.
+        # The Meta key outranks CPU and CUDA: a call with meta tensors lands here, and must fail
+        # as the real kernels would (with their ValueError), not return having updated nothing.
         device = params[0].device if params else None
+        torch._check_value(device is None or device.type != "meta",
+                           lambda: "rmsprop_fused: params[0] is on the meta device and has no data to update")
         lists = {"params": params, "grads": grads, "square_avgs": square_avgs, "grad_avgs": grad_avgs,
                  "momentum_buffers": momentum_buffers, "state_steps": state_steps,
                  "square_avg_scales": square_avg_scales, "grad_avg_scales": grad_avg_scales,
                  "momentum_buffer_scales": momentum_buffer_scales}
         for name, tensors in lists.items():
             for i, t in enumerate(tensors):
-                torch._check(t.device == device,
-                             lambda: f"rmsprop_fused: {name}[{i}] is on {t.device} but params[0] is on {device}")
+                torch._check_value(t.device == device,
+                                   lambda: f"rmsprop_fused: {name}[{i}] is on {t.device} but params[0] is on {device}")
         return None

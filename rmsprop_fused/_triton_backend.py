@@ -1,32 +1,61 @@
-"""The `triton` backend: the fused RMSprop step as one Triton kernel launch per (device, dtype) group.
+"""The `triton` backend: the fused RMSprop step as one Triton kernel launch per (device, param dtype,
+state dtype) group.
 
-Layout. A launch updates every tensor of the group. It reads two int64 arrays that live on the
-tensors' device and are built once for a given set of tensors (:func:`_launch_plan`):
+Layout. A launch updates every tensor of the group. It reads int64 metadata that lives on the
+tensors' device and is built once for a given set of tensors (:class:`_LaunchPlan`):
 
-    table   [n_tensors, 6]  data pointers of param, grad, square_avg, grad_avg, momentum_buffer
-                            (0 where the option is off, and then never read), then numel
-    blocks  [n_blocks, 3]   for each program: its tensor's row in the table, the first element
-                            of that tensor it updates, and whether the block is "fast"
+    table   [n_tensors, 11]  data pointers of param, grad, square_avg, grad_avg, momentum_buffer,
+                             the three scales of 8-bit state and the step counter (0 where a list
+                             is empty, and then never read), numel, and the tensor's program count
+    blocks  [n_blocks, 3]    for each program: its tensor's row in the table, the first element
+                             of that tensor it updates, and whether the block is "fast"
+    done    [n_tensors]      programs of each tensor finished in this launch (step counters)
 
-Program i updates elements [start, start + BLOCK_SIZE) of tensor blocks[i, 0]; a zero-size
-tensor owns no block. Block starts are int64, so tensors of more than 2**31 elements are fine. A
-fast block lies wholly inside its tensor, whose pointers are all 16-byte aligned: it is updated
-without a mask, with 16-byte loads and stores. The others (a tensor's last block, every block of
-a misaligned view) are masked at the tensor's end.
+Program i updates elements [start, start + BLOCK_SIZE) of tensor blocks[i, 0], as a
+[BLOCK_SIZE // 256, 256] tile: one row per block of 8-bit state, whose scale is the row's
+maximum (docs/DESIGN.md section 1), so that a program owns whole quantization blocks and needs no
+other program's values; the other state formats are elementwise and use the same tile. A
+zero-size tensor owns no block, unless the call counts steps: it then owns one empty program,
+which counts its step. Block starts are int64, so tensors of more than 2**31 elements are fine. A
+fast block lies wholly inside its tensor, whose element pointers are all 16-byte aligned: it is
+updated without a mask, with 16-byte loads and stores. The others (a tensor's last block, every
+block of a misaligned view) are masked at the tensor's end.
 
 Arithmetic. The kernel computes csrc/rmsprop_update.h operation for operation, in float32 for
-float32, float16 and bfloat16 tensors, with one rounding on store:
+float32, float16 and bfloat16 tensors, with one rounding per operation:
   * division and square root are the IEEE ones (div_rn, sqrt_rn): Triton's `/` and `tl.sqrt`
     are approximate on NVIDIA GPUs;
   * the launch disables FMA contraction (enable_fp_fusion=False), as the C++ kernels are built
     with -ffp-contract=off and --fmad=false: `a * b + c` is rounded twice, as torch's ops do;
-  * the scalars are rounded to float32 on the host exactly as make_step_scalars rounds them;
-  * float16 stores round to nearest even; bfloat16 is converted on the bits, rounding to nearest
-    even as c10::BFloat16 does (Triton's interpreter gets bfloat16 conversions wrong).
-So the kernel computes the same bits as the C++ kernels. The tests check that against the CPU op
-with the kernel in Triton's interpreter (NumPy float32 arithmetic, IEEE like the GPU's rn
-instructions), against the CUDA op when a GPU is there, and check the PTX compiled for sm_90
-(no GPU needed) for IEEE division and square root, no FMA and no flush-to-zero.
+  * the scalars are rounded to float32 on the host exactly as make_step_scalars rounds them, and
+    what the C++ derives from the (possibly device) lr, 1 - lr * weight_decay, in the kernel;
+  * every element goes through the codecs of csrc/element_codec.h and csrc/blockwise_quant.h,
+    written here on the bits: 16-bit values move as uint16 and are widened and rounded (to
+    nearest even, or stochastically) by c10's algorithms, NaN to the canonical 0x7FC0 / 0x7E00,
+    so neither Triton's interpreter nor the GPU's conversion instructions decide any bit;
+  * the per-tensor values (bias correction 1 - alpha^step in float64 by squaring, the keys of the
+    random streams of stochastic rounding) come from each tensor's step counter, read on the
+    device.
+So the kernel computes the same bits as the C++ kernels and the reference. The tests check that
+against both with the kernel in Triton's interpreter (NumPy float32 arithmetic, IEEE like the
+GPU's rn instructions), against the CUDA op when a GPU is there, and compile every variant for
+sm_80 and sm_90 (no GPU needed) to read the machine code.
+
+Step counters. The op increments each tensor's counter unless found_inf says skip, and the step
+reads the incremented value. Every program of a tensor reads the old counter and adds 1 itself;
+the last of them to finish (an atomic count in `done`, reset by that program) writes it back, so
+no program can read a counter another has already written. One launch, no host sync, and a CUDA
+graph replays it (the metadata is kept alive for it).
+
+Variants. What changes the per-element work or memory traffic is a constexpr of the kernel (the
+param and state formats, centered, momentum, AMP's grad write-back, stochastic rounding), as in
+the C++ kernels (docs/DESIGN.md section 2); the other options are runtime booleans, branches that
+every thread of a program takes alike: maximize, the weight decay's kind, Nesterov, bias
+correction, clipping, the variance form, counting steps, and the two that only read a scalar once
+per program (found_inf, a tensor lr). That makes 144 variants (:data:`VARIANT_AXES`), which
+tests/test_triton_aot.py compiles for two architectures in a few minutes; with found_inf and the
+lr's kind as constexprs too it would be 576, too many to compile in CI. No runtime argument is
+specialised on its value or alignment, so the compiled variants are exactly those.
 
 Triton is optional: this module imports without it, and unavailable_reason() then says so.
 Kernels run on CUDA tensors; on CPU tensors only in Triton's interpreter, which is chosen by
@@ -38,11 +67,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-from typing import List, Optional, Sequence, Union
+import struct
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
+from . import _quantization
 from ._reference import round_to_dtype
 
 try:
@@ -60,216 +91,562 @@ else:
 __all__ = ["unavailable_reason", "rmsprop_triton"]
 
 # Elements per program and warps per program: 2048 over 8 warps is 8 elements per thread, one or
-# two 16-byte accesses per stream on the aligned path. Chosen without a GPU to measure on (none
-# was available when this was written), from the compiled code alone: for sm_90, ptxas reports
-# about 110 registers and no spills for the widest variant (centered, momentum, AMP), where 16
-# elements per thread (2048 over 4 warps) needs 170. To be tuned on a GPU, reporting effective
-# GB/s against the copy bandwidth (docs/DESIGN.md section 4). In Triton's interpreter, which runs the
-# programs one after another and each as NumPy array operations, a large block also keeps the
-# CPU tests quick.
+# two 16-byte accesses per stream on the aligned path, and 8 blocks of 8-bit state, one per warp.
+# Chosen without a GPU to measure on, from the compiled code alone (tests/test_triton_aot.py
+# records the registers of every variant). To be tuned on a GPU, reporting effective GB/s against
+# the copy bandwidth (docs/DESIGN.md section 4). In Triton's interpreter, which runs the programs
+# one after another and each as NumPy array operations, a large block also keeps the CPU tests
+# quick.
 BLOCK_SIZE = 2048
 NUM_WARPS = 8
+# The register limit given to ptxas. Without one, ptxas picks a limit of its own for an occupancy
+# it guesses at (80 or 128 registers for 256 threads) and spills to local memory to meet it, in
+# some variants and not others; with it, no variant spills, and each uses what it needs (the
+# heaviest, float16 with stochastic rounding, about 250 on sm_90: tests/test_triton_aot.py).
+MAX_REGISTERS = 255
+QUANT_BLOCK = _quantization.QUANT_BLOCK  # 8-bit state: one scale per 256 elements (a tile row)
+assert BLOCK_SIZE % QUANT_BLOCK == 0
 
 # The pointer table: one row per tensor of the group. The width is fixed, whatever the options,
-# so that the kernel's column indices are compile-time constants; a state column the options do
-# not use holds 0 and is never read.
-_PARAM, _GRAD, _SQUARE_AVG, _GRAD_AVG, _MOMENTUM_BUFFER, _NUMEL = range(6)
-_TABLE_WIDTH = 6
+# so that the kernel's column indices are compile-time constants; a column the options do not use
+# holds 0 and is never read.
+(_PARAM, _GRAD, _SQUARE_AVG, _GRAD_AVG, _MOMENTUM_BUFFER, _SQUARE_AVG_SCALE, _GRAD_AVG_SCALE,
+ _MOMENTUM_BUFFER_SCALE, _STEP, _NUMEL, _PROGRAMS) = range(11)
+_TABLE_WIDTH = 11
+# The column of each of the functional entry's lists (functional.LIST_NAMES, the op's order).
+_COLUMNS = dict(
+    params=_PARAM, grads=_GRAD, square_avgs=_SQUARE_AVG, grad_avgs=_GRAD_AVG, momentum_buffers=_MOMENTUM_BUFFER,
+    state_steps=_STEP, square_avg_scales=_SQUARE_AVG_SCALE, grad_avg_scales=_GRAD_AVG_SCALE,
+    momentum_buffer_scales=_MOMENTUM_BUFFER_SCALE,
+)
+# The lists whose elements the kernel streams (the alignment of the fast path is theirs).
+_ELEMENT_LISTS = ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers")
 # The block map: one row per program, (table row, first element, fast). `fast` is 1 when the
-# block lies wholly inside its tensor and all of that tensor's pointers are 16-byte aligned: the
-# kernel then updates it without a mask and with 16-byte accesses.
+# block lies wholly inside its tensor and all of that tensor's element pointers are 16-byte
+# aligned: the kernel then updates it without a mask and with 16-byte accesses.
 _BLOCK_MAP_WIDTH = 3
 _ALIGNMENT = 16  # bytes
 
-# Launch plans (pointer table and block map on the device), most recently used last. A training
-# loop steps the same tensors every time, so it hits one entry per (device, dtype) group.
+# Launch plans (metadata on the device), most recently used last. A training loop steps the same
+# tensors every time, so it hits one entry per group.
 _PLAN_CACHE_SIZE = 16
 _plan_cache: "collections.OrderedDict[tuple, _LaunchPlan]" = collections.OrderedDict()
 # Plans used while a CUDA graph was being captured: the graph reads them on every replay, so they
 # are never freed (evicting one from the cache would leave the graph reading freed memory).
 _captured_plans: dict = {}
 
+# The constexprs that select a compiled variant, and the values each takes: every combination of a
+# (param, state) pair the op supports is a variant the launcher can produce, except stochastic
+# rounding where nothing is 16-bit. The dtype names stand for the tl dtypes; "uint8" is 8-bit
+# blockwise state.
+VARIANT_AXES = dict(
+    PARAM=("float32", "float16", "bfloat16"),
+    STATE=("float32", "float16", "bfloat16", "uint8"),
+    CENTERED=(False, True),
+    MOMENTUM=(False, True),
+    UNSCALE_GRAD=(False, True),
+    STOCHASTIC=(False, True),
+)
+
+
+class StepScalars(NamedTuple):
+    """csrc/rmsprop_update.h StepScalars as the kernel holds them: float32 scalars and runtime
+    booleans (every thread of a program branches on them alike). Built in the kernel from its
+    arguments; a tensor lr, the AMP scale and the clip coefficient are read on the device."""
+
+    lr: object
+    alpha: object
+    one_minus_alpha: object
+    lerp_one_minus_w: object
+    eps_inside_root: object
+    eps_outside_root: object
+    weight_decay: object
+    momentum: object
+    grad_scale: object
+    clip_coef: object
+    decay_factor: object
+    bias_correction: object
+    maximize: object
+    coupled_weight_decay: object
+    decoupled_weight_decay: object
+    lerp_weight_small: object
+    lr_in_momentum: object
+    nesterov: object
+    use_bias_correction: object
+    clip: object
+    variance_state: object
+
+
+class RoundingKeys(NamedTuple):
+    """The keys of the four random streams of a tensor's step (stochastic rounding)."""
+
+    param: object
+    square_avg: object
+    grad_avg: object
+    momentum_buffer: object
+
+
+# Every runtime argument of the kernel, which Triton must not specialise on its value (an int of 1
+# would become a constant, one divisible by 16 another variant) nor on its alignment.
+_RUNTIME_ARGUMENTS = (
+    "table", "blocks", "done", "unsigned_map", "signed_map", "lr", "lr_tensor", "grad_scale", "found_inf",
+    "clip_coef", "alpha", "one_minus_alpha", "lerp_one_minus_w", "eps_inside_root", "eps_outside_root",
+    "weight_decay", "momentum", "alpha_low", "alpha_high", "seed_low", "seed_high", "maximize",
+    "coupled_weight_decay", "decoupled_weight_decay", "lerp_weight_small", "lr_in_momentum", "nesterov",
+    "bias_correction", "clip", "variance_state", "counts_steps", "has_found_inf", "lr_from_tensor",
+)
+
 
 if triton is not None:
 
-    @triton.jit
-    def _block_pointers(address, start, lanes, ELEMENT: tl.constexpr, ALIGNED: tl.constexpr):
-        """Pointers to elements `start + lanes` of the tensor whose data pointer is at `address`.
+    # ------------------------------------------------------------------------------ codecs
 
-        `start` is an int64 scalar (tensors may exceed 2**31 elements); `lanes` are int32 offsets
-        within the block, so that each element's address costs one add to a 64-bit base."""
-        pointers = (tl.load(address).to(tl.pointer_type(ELEMENT)) + start) + lanes
-        if ELEMENT == tl.bfloat16:
-            pointers = pointers.to(tl.pointer_type(tl.uint16))  # bfloat16 moves as bits, see below
+    # 16-bit patterns are held in uint32 (the upper half zero). Integer arithmetic that wraps on
+    # purpose is written as shifts or with sanitize_overflow=False, so that Triton's overflow
+    # checks (its interpreter's, or a debug build's) stay quiet and cost nothing.
+
+    @triton.jit
+    def _half_to_float(h):
+        """ElementCodec<c10::Half>::load (c10's fp16_ieee_to_fp32_value): normal values rebias
+        the exponent and scale by 2^-112, exactly; subnormals put the mantissa under the exponent
+        of 0.5 and subtract 0.5, exactly."""
+        w = h << 16
+        sign = w & 0x80000000
+        two_w = w << 1
+        normalized = ((two_w >> 4) + (0xE0 << 23)).to(tl.float32, bitcast=True) * 1.925929944387236e-34  # 2^-112
+        denormalized = ((two_w >> 17) | (126 << 23)).to(tl.float32, bitcast=True) - 0.5
+        magnitude = tl.where(two_w < (1 << 27), denormalized, normalized).to(tl.uint32, bitcast=True)
+        return (sign | magnitude).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _float_to_half(f):
+        """ElementCodec<c10::Half>::store (c10's fp16_ieee_from_fp32_value): the float32 addition
+        rounds the mantissa to nearest even; NaN -> 0x7E00 (keeping its sign)."""
+        w = f.to(tl.uint32, bitcast=True)
+        base = ((w & 0x7FFFFFFF).to(tl.float32, bitcast=True) * 5.192296858534828e33) * 7.703719777548943e-34  # 2^112, 2^-110
+        shl1_w = w << 1
+        sign = w & 0x80000000
+        bias = shl1_w & 0xFF000000
+        bias = tl.where(bias < 0x71000000, 0x71000000, bias)
+        base = ((bias >> 1) + 0x07800000).to(tl.float32, bitcast=True) + base
+        bits = base.to(tl.uint32, bitcast=True)
+        nonsign = ((bits >> 13) & 0x00007C00) + (bits & 0x00000FFF)
+        return (sign >> 16) | tl.where(shl1_w > 0xFF000000, 0x7E00, nonsign)
+
+    @triton.jit
+    def _float_to_bfloat16(value):
+        """ElementCodec<c10::BFloat16>::store (c10's round_to_nearest_even), NaN -> 0x7FC0."""
+        u = value.to(tl.uint32, bitcast=True)
+        rounded = tl.add(u, ((u >> 16) & 1) + 0x7FFF, sanitize_overflow=False) >> 16
+        return tl.where(value != value, 0x7FC0, rounded)
+
+    @triton.jit
+    def _bfloat16_stochastic(value, random):
+        """ElementCodec<c10::BFloat16>::store_stochastic: 16 random bits added below the kept ones,
+        then truncation (torchao's bf16_stochastic_round)."""
+        rounded = tl.add(value.to(tl.uint32, bitcast=True), random & 0xFFFF, sanitize_overflow=False) >> 16
+        return tl.where(value != value, 0x7FC0, rounded)
+
+    @triton.jit
+    def _half_stochastic(value, random):
+        """ElementCodec<c10::Half>::store_stochastic: rounds the magnitude up with probability
+        (|x| - |down|) / (|up| - |down|), every quantity exact in float32, compared with 24
+        random bits."""
+        nearest = _float_to_half(value)
+        magnitude_bits = value.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+        magnitude = magnitude_bits.to(tl.float32, bitcast=True)
+        # nearest rounded the magnitude up: step back one (sign-magnitude bits count magnitudes)
+        down = tl.where(_half_to_float(nearest & 0x7FFF) > magnitude, nearest - 1, nearest)
+        down_magnitude_bits = down & 0x7FFF
+        down_magnitude = _half_to_float(down_magnitude_bits)
+        up_magnitude = tl.where(down_magnitude_bits == 0x7BFF, 65536.0, _half_to_float(down_magnitude_bits + 1))
+        fraction = tl.math.div_rn(magnitude - down_magnitude, up_magnitude - down_magnitude)
+        round_up = (random >> 8).to(tl.float32) < fraction * 16777216.0
+        rounded = tl.where(round_up, down + 1, down)
+        # NaN and inf: what nearest rounding gives (canonical NaN; inf stays inf)
+        return tl.where(magnitude_bits < 0x7F800000, rounded, nearest)
+
+    @triton.jit
+    def _storage_pointers(entry, column, start, lanes, FORMAT: tl.constexpr, ALIGNED: tl.constexpr):
+        """Pointers to elements `start + lanes` of the tensor whose data pointer is in `column`
+        of the table row at `entry`, typed as the storage moves: float32, uint8 codes, and 16-bit
+        values as their bits. `start` is an int64 scalar (tensors may exceed 2**31 elements);
+        `lanes` are int32 offsets within the block, so that each address costs one add to a
+        64-bit base."""
+        address = tl.load(entry + column)
+        if FORMAT == tl.float32:
+            base = address.to(tl.pointer_type(tl.float32))
+        elif FORMAT == tl.uint8:
+            base = address.to(tl.pointer_type(tl.uint8))
+        else:
+            base = address.to(tl.pointer_type(tl.uint16))
+        pointers = (base + start) + lanes
         if ALIGNED:
             # The host checked the alignment (the block map's `fast`), which Triton cannot see
             # through a pointer loaded from memory; with it, it emits 16-byte loads and stores.
-            pointers = tl.multiple_of(pointers, 16)
+            pointers = tl.multiple_of(pointers, [16, 16])
         return pointers
 
     @triton.jit
-    def _load_as_float32(pointers, mask, ELEMENT: tl.constexpr):
-        if ELEMENT == tl.bfloat16:
-            # bfloat16 is the upper half of a float32: widening is a shift of the bits, exact
-            # everywhere (Triton's interpreter mis-widens bfloat16 subnormals in `.to()`).
-            bits = tl.load(pointers, mask=mask)
-            return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    def _load(pointers, mask, FORMAT: tl.constexpr):
+        """Elements as float32 (ElementCodec::load): exact widening."""
+        stored = tl.load(pointers, mask=mask)
+        if FORMAT == tl.float32:
+            return stored
+        elif FORMAT == tl.bfloat16:
+            return (stored.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # the upper half of a float32
         else:
-            return tl.load(pointers, mask=mask).to(tl.float32)
+            return _half_to_float(stored.to(tl.uint32))
 
     @triton.jit
-    def _store_rounded(pointers, value, mask, ELEMENT: tl.constexpr):
-        if ELEMENT == tl.bfloat16:
-            # Round to nearest even on the bits, NaN to the canonical quiet NaN: c10::BFloat16's
-            # round_to_nearest_even. Triton's interpreter truncates in `.to(tl.bfloat16)`, so the
-            # CPU tests could not vouch for a conversion done there; these few integer operations
-            # cost nothing measurable in a memory-bound kernel and give the same bits everywhere.
-            bits = value.to(tl.uint32, bitcast=True)
-            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-            rounded = tl.where(value != value, 0x7FC0, rounded)
-            tl.store(pointers, rounded.to(tl.uint16), mask=mask)
-        else:
-            tl.store(pointers, value.to(ELEMENT), mask=mask)  # float32 to float16: round to nearest even
+    def _mix32(x):
+        """rmsprop_update.h mix32 (lowbias32) on uint32: multiplications wrap modulo 2^32."""
+        x ^= x >> 16
+        x = tl.mul(x, 0x21F0AAAD, sanitize_overflow=False)
+        x ^= x >> 15
+        x = tl.mul(x, 0x735A2D97, sanitize_overflow=False)
+        x ^= x >> 15
+        return x
 
     @triton.jit
-    def _update_block(
-        entry, start, lanes, mask, lr, grad_scale, alpha, one_minus_alpha, lerp_one_minus_w,
-        eps_inside_root, eps_outside_root, weight_decay, momentum,
-        ELEMENT: tl.constexpr, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
-        MAXIMIZE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, LERP_WEIGHT_SMALL: tl.constexpr,
-        LR_IN_MOMENTUM: tl.constexpr, UNSCALE_GRAD: tl.constexpr, ALIGNED: tl.constexpr,
-    ):
-        """Elements `start + lanes` of the tensor whose table row starts at `entry`, where `mask`
-        (None: all of them)."""
-        # Every load before any store, as the C++ kernels do. Columns: see _TABLE_WIDTH.
-        param_ptrs = _block_pointers(entry + 0, start, lanes, ELEMENT, ALIGNED)
-        grad_ptrs = _block_pointers(entry + 1, start, lanes, ELEMENT, ALIGNED)
-        square_avg_ptrs = _block_pointers(entry + 2, start, lanes, ELEMENT, ALIGNED)
-        p = _load_as_float32(param_ptrs, mask, ELEMENT)
-        grad = _load_as_float32(grad_ptrs, mask, ELEMENT)
-        v = _load_as_float32(square_avg_ptrs, mask, ELEMENT)
-        if CENTERED:
-            grad_avg_ptrs = _block_pointers(entry + 3, start, lanes, ELEMENT, ALIGNED)
-            m = _load_as_float32(grad_avg_ptrs, mask, ELEMENT)
-        if MOMENTUM:
-            buffer_ptrs = _block_pointers(entry + 4, start, lanes, ELEMENT, ALIGNED)
-            b = _load_as_float32(buffer_ptrs, mask, ELEMENT)
+    def _random_bits(key, index):
+        """rmsprop_update.h random_bits: the bits of elements `index` (int64) of a stream."""
+        return _mix32(index.to(tl.uint32) ^ tl.add(key, (index >> 32).to(tl.uint32), sanitize_overflow=False))
 
-        # csrc/rmsprop_update.h, one float32 operation (one rounding) at a time, in its order.
+    @triton.jit
+    def _store(pointers, value, mask, key, index, FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr):
+        """A float32 value stored through its codec: float32 as it is; 16-bit values rounded to
+        nearest even, or with STOCHASTIC from the stream `key` at `index`."""
+        if FORMAT == tl.float32:
+            tl.store(pointers, value, mask=mask)
+        else:
+            if STOCHASTIC:
+                random = _random_bits(key, index)
+                if FORMAT == tl.bfloat16:
+                    bits = _bfloat16_stochastic(value, random)
+                else:
+                    bits = _half_stochastic(value, random)
+            else:
+                if FORMAT == tl.bfloat16:
+                    bits = _float_to_bfloat16(value)
+                else:
+                    bits = _float_to_half(value)
+            tl.store(pointers, bits.to(tl.uint16), mask=mask)
+
+    # ------------------------------------------------------------------- 8-bit blockwise state
+
+    @triton.jit
+    def _dequantize(codes, scales, code_map):
+        """blockwise_quant.h dequantize for a tile: map[code] * its row's scale."""
+        return tl.load(code_map + codes.to(tl.int32)) * scales[:, None]
+
+    @triton.jit
+    def _quantize_rows(values, mask, code_map):
+        """The codes and the scales of a tile of new state, one scale per row (256 elements):
+        AbsMax over the magnitudes' bits (a NaN anywhere makes the scale NaN), normalize, then the
+        nearest code by blockwise_quant.h's branchless 8-step search and distance comparison."""
+        magnitude_bits = (values.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32, bitcast=True)
+        if mask is not None:
+            magnitude_bits = tl.where(mask, magnitude_bits, 0)  # elements past the tensor's end
+        largest = tl.max(magnitude_bits, axis=1)
+        scales = tl.where(largest > 0x7F800000, 0x7FC00000, largest).to(tl.float32, bitcast=True)
+        row_scales = scales[:, None]
+        normalized = tl.where(row_scales > 0.0, tl.math.div_rn(values, row_scales), 0.0)
+        below = tl.zeros(values.shape, dtype=tl.int32)
+        for k in tl.static_range(8):  # floor_code: the largest i with map[i] <= x (0 for NaN)
+            below += tl.where(tl.load(code_map + (below + (128 >> k))) <= normalized, 128 >> k, 0)
+        above = tl.minimum(below + 1, 255)
+        distance_below = normalized - tl.load(code_map + below)
+        distance_above = tl.load(code_map + above) - normalized
+        codes = tl.where(distance_above < distance_below, above, below)
+        return codes.to(tl.uint8), scales
+
+    @triton.jit
+    def _load_state(entry, column, scale_column, start, lanes, mask, row_mask, code_map,
+                    STATE: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+        """A state tile in float32, and its pointers: elements, or 8-bit codes decoded with the
+        scales of the tile's rows."""
+        pointers = _storage_pointers(entry, column, start, lanes, STATE, ALIGNED)
+        if STATE == tl.uint8:
+            scale_pointers = tl.load(entry + scale_column).to(tl.pointer_type(tl.float32)) + (start >> 8)
+            scale_pointers += tl.arange(0, ROWS)
+            scales = tl.load(scale_pointers, mask=row_mask)
+            return _dequantize(tl.load(pointers, mask=mask), scales, code_map), pointers, scale_pointers
+        else:
+            return _load(pointers, mask, STATE), pointers, pointers
+
+    @triton.jit
+    def _store_state(pointers, scale_pointers, value, mask, row_mask, code_map, key, index,
+                     STATE: tl.constexpr, STOCHASTIC: tl.constexpr):
+        if STATE == tl.uint8:
+            codes, scales = _quantize_rows(value, mask, code_map)
+            tl.store(pointers, codes, mask=mask)
+            tl.store(scale_pointers, scales, mask=row_mask)
+        else:
+            _store(pointers, value, mask, key, index, STATE, STOCHASTIC)
+
+    # ------------------------------------------------------------------------ per-tensor values
+
+    @triton.jit
+    def _step_count(step):
+        """rmsprop_update.h step_count: a float32 counter as a uint32, clamped to [0, 2^32 - 1]
+        (NaN: 0)."""
+        positive = tl.where(step > 0.0, step, 0.0)
+        in_range = tl.where(positive < 4294967040.0, positive, 0.0)  # converted only when it fits
+        return tl.where(step >= 4294967040.0, 0xFFFFFFFF, in_range.to(tl.uint32))
+
+    @triton.jit
+    def _bias_correction_at(alpha_low, alpha_high, count):
+        """rmsprop_update.h bias_correction_at: 1 - alpha^count, the power by squaring in float64
+        over a fixed 32 bits, rounded once to float32. alpha's float64 bits come in two int32
+        halves (Triton passes float arguments as float32)."""
+        alpha_bits = (alpha_high.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | alpha_low.to(
+            tl.uint32, bitcast=True).to(tl.uint64)
+        base = alpha_bits.to(tl.float64, bitcast=True)
+        result = tl.full([], 1.0, tl.float64)
+        for bit in tl.static_range(32):
+            result = tl.where(((count >> bit) & 1) != 0, result * base, result)
+            base = base * base
+        return (1.0 - result).to(tl.float32)
+
+    @triton.jit
+    def _rounding_key(seed_low, seed_high, tensor_index, count, stream: tl.constexpr):
+        """rmsprop_update.h rounding_key for the tensor at `tensor_index` of the call."""
+        key = _mix32(tl.add(tensor_index.to(tl.uint32) << 2, stream, sanitize_overflow=False))
+        key = _mix32(key ^ count)
+        key = _mix32(key ^ seed_high.to(tl.uint32, bitcast=True))
+        return _mix32(key ^ seed_low.to(tl.uint32, bitcast=True))
+
+    # ------------------------------------------------------------------------------ the update
+
+    @triton.jit
+    def _rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, s,
+                        CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, UNSCALE_GRAD: tl.constexpr):
+        """rmsprop_update.h rmsprop_update, one float32 operation (one rounding) at a time, in its
+        order; returns (param, grad, square_avg, grad_avg, momentum_buffer), grad unscaled."""
         if UNSCALE_GRAD:
-            grad = tl.math.div_rn(grad, tl.load(grad_scale).to(tl.float32))
-        if MAXIMIZE:
-            g = -grad
-        else:
-            g = grad
-        if HAS_WEIGHT_DECAY:
-            g = g + weight_decay * p  # grad.add(param, alpha=weight_decay)
+            grad = tl.math.div_rn(grad, s.grad_scale)
+        g = grad
+        p = param
+        if s.clip:
+            g = g * s.clip_coef  # clip_grad_norm_'s mul_
+        if s.maximize:
+            g = -g
+        if s.coupled_weight_decay:
+            g = g + s.weight_decay * p
+        if s.decoupled_weight_decay:
+            p = p * s.decay_factor
 
         # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-        v = v * alpha
-        v = v + one_minus_alpha * g * g
+        square_avg = square_avg * s.alpha
+        square_avg = square_avg + s.one_minus_alpha * g * g
 
-        var = v
+        v = square_avg
         if CENTERED:
             # grad_avg.lerp_(g, 1 - alpha), with torch's two-sided formula
-            if LERP_WEIGHT_SMALL:
-                m = m + one_minus_alpha * (g - m)
+            if s.lerp_weight_small:
+                grad_avg = grad_avg + s.one_minus_alpha * (g - grad_avg)
             else:
-                m = g - (g - m) * lerp_one_minus_w
+                grad_avg = g - (g - grad_avg) * s.lerp_one_minus_w
+            m = grad_avg
+        if s.use_bias_correction:  # optax's: both averages divided by 1 - alpha^step
+            v = tl.math.div_rn(v, s.bias_correction)
+            if CENTERED:
+                m = tl.math.div_rn(m, s.bias_correction)
+        var = v
+        if CENTERED:
             # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a finite m
             # even where m*m overflows, as torch's fused multiply-add gives (rmsprop_update.h)
             finite_m = (m < float("inf")) & (m > float("-inf"))
             var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
-        denom = tl.math.sqrt_rn(var + eps_inside_root) + eps_outside_root
+        denom = tl.math.sqrt_rn(var + s.eps_inside_root) + s.eps_outside_root
 
         if MOMENTUM:
-            b = b * momentum
-            if LR_IN_MOMENTUM:  # TF/Keras/timm: b = momentum * b + lr * g / denom; p -= b
-                b = b + tl.math.div_rn(lr * g, denom)
-                p = p - b
-            else:  # torch: b = momentum * b + g / denom; p -= lr * b
-                b = b + tl.math.div_rn(g, denom)
-                p = p - lr * b
+            # torch: buf = momentum * buf + g / denom; param -= lr * buf
+            # TF/Keras/timm: buf = momentum * buf + lr * g / denom; param -= buf
+            # Nesterov (torch SGD, optax trace): the step is u + momentum * buf instead of buf
+            lr_into_buffer = tl.where(s.lr_in_momentum, s.lr, 1.0)
+            lr_onto_param = tl.where(s.lr_in_momentum, 1.0, s.lr)
+            u = tl.math.div_rn(lr_into_buffer * g, denom)
+            momentum_buffer = momentum_buffer * s.momentum
+            momentum_buffer = momentum_buffer + u
+            direction = momentum_buffer
+            if s.nesterov:
+                direction = u + s.momentum * momentum_buffer
+            param = p - lr_onto_param * direction
         else:
-            p = p - tl.math.div_rn(lr * g, denom)  # param.addcdiv_(g, denom, value=-lr)
-
-        _store_rounded(param_ptrs, p, mask, ELEMENT)
-        _store_rounded(square_avg_ptrs, v, mask, ELEMENT)
-        if UNSCALE_GRAD:
-            _store_rounded(grad_ptrs, grad, mask, ELEMENT)  # AMP: the unscaled grad is kept
-        if CENTERED:
-            _store_rounded(grad_avg_ptrs, m, mask, ELEMENT)
-        if MOMENTUM:
-            _store_rounded(buffer_ptrs, b, mask, ELEMENT)
+            param = p - tl.math.div_rn(s.lr * g, denom)  # param.addcdiv_(g, denom, value=-lr)
+        return param, grad, square_avg, grad_avg, momentum_buffer
 
     @triton.jit
+    def _update_block(entry, start, lanes, mask, row_mask, s, keys, unsigned_map, signed_map,
+                      PARAM: tl.constexpr, STATE: tl.constexpr, CENTERED: tl.constexpr,
+                      MOMENTUM: tl.constexpr, UNSCALE_GRAD: tl.constexpr, STOCHASTIC: tl.constexpr,
+                      ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+        """Elements `start + lanes` of the tensor whose table row starts at `entry`, where `mask`
+        (None: all of them); `row_mask` says which tile rows exist (8-bit scales)."""
+        # Every load before any store, as the C++ kernels do.
+        param_ptrs = _storage_pointers(entry, 0, start, lanes, PARAM, ALIGNED)  # columns: _TABLE_WIDTH
+        grad_ptrs = _storage_pointers(entry, 1, start, lanes, PARAM, ALIGNED)
+        p = _load(param_ptrs, mask, PARAM)
+        grad = _load(grad_ptrs, mask, PARAM)
+        v, v_ptrs, v_scale_ptrs = _load_state(entry, 2, 5, start, lanes, mask, row_mask, unsigned_map,
+                                              STATE, ALIGNED, ROWS)
+        m = v  # placeholders where the state is absent: never stored
+        b = v
+        if CENTERED:
+            m, m_ptrs, m_scale_ptrs = _load_state(entry, 3, 6, start, lanes, mask, row_mask, signed_map,
+                                                  STATE, ALIGNED, ROWS)
+            if s.variance_state:
+                v = v + m * m  # square_avg_from_variance
+        if MOMENTUM:
+            b, b_ptrs, b_scale_ptrs = _load_state(entry, 4, 7, start, lanes, mask, row_mask, signed_map,
+                                                  STATE, ALIGNED, ROWS)
+
+        p, grad, v, m, b = _rmsprop_update(p, grad, v, m, b, s, CENTERED, MOMENTUM, UNSCALE_GRAD)
+
+        index = start + lanes  # the element's index in its tensor: its random bits
+        if CENTERED:
+            if s.variance_state:  # variance_from_square_avg: clamped at 0, NaN kept
+                v = v - m * m
+                v = tl.where(v < 0.0, 0.0, v)
+        _store(param_ptrs, p, mask, keys.param, index, PARAM, STOCHASTIC)
+        _store_state(v_ptrs, v_scale_ptrs, v, mask, row_mask, unsigned_map, keys.square_avg, index,
+                     STATE, STOCHASTIC)
+        if UNSCALE_GRAD:
+            _store(grad_ptrs, grad, mask, keys.param, index, PARAM, False)  # AMP: to nearest, always
+        if CENTERED:
+            _store_state(m_ptrs, m_scale_ptrs, m, mask, row_mask, signed_map, keys.grad_avg, index,
+                         STATE, STOCHASTIC)
+        if MOMENTUM:
+            _store_state(b_ptrs, b_scale_ptrs, b, mask, row_mask, signed_map, keys.momentum_buffer, index,
+                         STATE, STOCHASTIC)
+
+    @triton.jit(do_not_specialize=_RUNTIME_ARGUMENTS, do_not_specialize_on_alignment=_RUNTIME_ARGUMENTS)
     def _rmsprop_kernel(
-        table,  # int64 [n_tensors, TABLE_WIDTH]: data pointers and numel of each tensor
+        table,  # int64 [n_tensors, TABLE_WIDTH]: data pointers, numel and program count per tensor
         blocks,  # int64 [n_blocks, BLOCK_MAP_WIDTH]: (table row, first element, fast) per program
-        lr,  # the learning rate as a float32, unless LR_FROM_TENSOR
-        lr_tensor,  # 1-element tensor holding the learning rate, read when LR_FROM_TENSOR
-        grad_scale,  # 1-element tensor, read when UNSCALE_GRAD: grads are divided by it
-        found_inf,  # 1-element tensor, read when HAS_FOUND_INF: nonzero skips the whole step
-        alpha,  # this and the rest: float32, from make_step_scalars (see _step_scalars)
+        done,  # int64 [n_tensors]: programs finished, per tensor (step counters); zeros between launches
+        unsigned_map,  # float32 [256]: the code map of square_avg (8-bit state)
+        signed_map,  # float32 [256]: the code map of grad_avg and momentum_buffer (8-bit state)
+        lr,  # the learning rate as a float32, unless lr_from_tensor
+        lr_tensor,  # float32 [1]: the learning rate, read when lr_from_tensor
+        grad_scale,  # float32 [1], read when UNSCALE_GRAD: grads are divided by it
+        found_inf,  # float32 [1], read when has_found_inf: nonzero skips the whole step
+        clip_coef,  # float32 [1], read when `clip`: grads are multiplied by it
+        alpha,  # this and the rest of the floats: float32, from make_step_scalars (_step_scalars)
         one_minus_alpha,
         lerp_one_minus_w,
         eps_inside_root,
         eps_outside_root,
         weight_decay,
         momentum,
-        ELEMENT: tl.constexpr,  # tl.float32, tl.float16 or tl.bfloat16
-        TABLE_WIDTH: tl.constexpr,
-        BLOCK_MAP_WIDTH: tl.constexpr,
+        alpha_low,  # int32: the low and high halves of alpha's float64 bits (bias correction)
+        alpha_high,
+        seed_low,  # int32: the low and high halves of the rounding seed's 64 bits
+        seed_high,
+        maximize,  # booleans: the options that are uniform branches
+        coupled_weight_decay,
+        decoupled_weight_decay,
+        lerp_weight_small,
+        lr_in_momentum,
+        nesterov,
+        bias_correction,
+        clip,
+        variance_state,
+        counts_steps,  # state_steps were given: read them, increment them
+        has_found_inf,
+        lr_from_tensor,
+        PARAM: tl.constexpr,  # tl.float32, tl.float16 or tl.bfloat16: params and grads
+        STATE: tl.constexpr,  # the same, or tl.uint8: 8-bit blockwise codes with scales
         CENTERED: tl.constexpr,
         MOMENTUM: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        HAS_WEIGHT_DECAY: tl.constexpr,
-        LERP_WEIGHT_SMALL: tl.constexpr,
-        LR_IN_MOMENTUM: tl.constexpr,
-        LR_FROM_TENSOR: tl.constexpr,
         UNSCALE_GRAD: tl.constexpr,
-        HAS_FOUND_INF: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        TABLE_WIDTH: tl.constexpr,
+        BLOCK_MAP_WIDTH: tl.constexpr,
     ):
         block = blocks + tl.program_id(0).to(tl.int64) * BLOCK_MAP_WIDTH
         row = tl.load(block + 0)
         start = tl.load(block + 1)
         fast = tl.load(block + 2)
         entry = table + row * TABLE_WIDTH
-        lanes = tl.arange(0, BLOCK_SIZE)
 
-        if HAS_FOUND_INF:
+        if has_found_inf:
             # Any nonzero flag skips the step (GradScaler sums the flags of several devices), and
             # so does NaN: `!=` is an unordered compare. The whole program returns before it reads
-            # anything: no host sync, and a branch that all its threads take alike.
+            # anything else, step counters included: no host sync, and a branch that all its
+            # threads take alike.
             if tl.load(found_inf) != 0:
                 return
-        if LR_FROM_TENSOR:
-            lr = tl.load(lr_tensor).to(tl.float32)  # read on the device: no host sync, capturable
 
+        # set_learning_rate: the decoupled decay factor in float32 from the float32 lr, the same
+        # way for a float lr and for one read on the device (no host sync, capturable).
+        lr = tl.cast(lr, tl.float32)
+        if lr_from_tensor:
+            lr = tl.load(lr_tensor)
+        weight_decay = tl.cast(weight_decay, tl.float32)
+        decay_factor = 1.0 - lr * weight_decay
+        grad_scale_value = 1.0
+        if UNSCALE_GRAD:
+            grad_scale_value = tl.load(grad_scale)
+        clip_value = tl.full([], 1.0, tl.float32)
+        if clip:
+            clip_value = tl.load(clip_coef)
+
+        # The tensor's step count after this step's increment, as the C++ op reads it.
+        step = tl.full([], 0.0, tl.float32)
+        step_pointer = tl.load(entry + 8).to(tl.pointer_type(tl.float32))
+        if counts_steps:
+            step = tl.load(step_pointer) + 1.0  # torch's `step += 1` on a float32 tensor
+        count = _step_count(step)
+        correction = tl.full([], 1.0, tl.float32)
+        if bias_correction:
+            correction = _bias_correction_at(alpha_low, alpha_high, count)
+        zero_key = tl.full([], 0, tl.uint32)
+        keys = RoundingKeys(zero_key, zero_key, zero_key, zero_key)
+        if STOCHASTIC:
+            keys = RoundingKeys(
+                _rounding_key(seed_low, seed_high, row, count, 0), _rounding_key(seed_low, seed_high, row, count, 1),
+                _rounding_key(seed_low, seed_high, row, count, 2), _rounding_key(seed_low, seed_high, row, count, 3),
+            )
+        s = StepScalars(
+            lr, tl.cast(alpha, tl.float32), tl.cast(one_minus_alpha, tl.float32),
+            tl.cast(lerp_one_minus_w, tl.float32), tl.cast(eps_inside_root, tl.float32),
+            tl.cast(eps_outside_root, tl.float32), weight_decay, tl.cast(momentum, tl.float32),
+            grad_scale_value, clip_value, decay_factor, correction, maximize, coupled_weight_decay,
+            decoupled_weight_decay, lerp_weight_small, lr_in_momentum, nesterov, bias_correction, clip,
+            variance_state,
+        )
+
+        # The tile: a row per 256 elements (a block of 8-bit state), int32 offsets in the block.
+        ROWS: tl.constexpr = BLOCK_SIZE // 256
+        tile_rows = tl.arange(0, ROWS)
+        lanes = tile_rows[:, None] * 256 + tl.arange(0, 256)[None, :]
         # One branch per program, taken by all its threads alike. The two calls differ only in
         # what Triton can prove about the accesses: a whole, aligned block needs no bounds mask
         # (a mask against a size loaded from memory would keep every access scalar) and may use
         # 16-byte vectors; a tensor's last block, or any block of a misaligned view, is masked.
-        # (In the masked path Triton lays the stores out one element per thread, as it cannot
-        # prove them aligned, and moves the results there through shared memory: a cost paid by
-        # last blocks and misaligned views only.)
         if fast != 0:
-            _update_block(
-                entry, start, lanes, None, lr, grad_scale, alpha, one_minus_alpha, lerp_one_minus_w,
-                eps_inside_root, eps_outside_root, weight_decay, momentum, ELEMENT, CENTERED,
-                MOMENTUM, MAXIMIZE, HAS_WEIGHT_DECAY, LERP_WEIGHT_SMALL, LR_IN_MOMENTUM,
-                UNSCALE_GRAD, ALIGNED=True,
-            )
+            _update_block(entry, start, lanes, None, None, s, keys, unsigned_map, signed_map, PARAM, STATE,
+                          CENTERED, MOMENTUM, UNSCALE_GRAD, STOCHASTIC, True, ROWS)
         else:
             # How many of the block's elements exist: at most BLOCK_SIZE, so int32 will do.
-            remaining = tl.minimum(tl.load(entry + 5) - start, BLOCK_SIZE).to(tl.int32)
-            _update_block(
-                entry, start, lanes, lanes < remaining, lr, grad_scale, alpha, one_minus_alpha,
-                lerp_one_minus_w, eps_inside_root, eps_outside_root, weight_decay, momentum,
-                ELEMENT, CENTERED, MOMENTUM, MAXIMIZE, HAS_WEIGHT_DECAY, LERP_WEIGHT_SMALL,
-                LR_IN_MOMENTUM, UNSCALE_GRAD, ALIGNED=False,
-            )
+            remaining = tl.minimum(tl.load(entry + 9) - start, BLOCK_SIZE).to(tl.int32)
+            _update_block(entry, start, lanes, lanes < remaining, tile_rows * 256 < remaining, s, keys,
+                          unsigned_map, signed_map, PARAM, STATE, CENTERED, MOMENTUM, UNSCALE_GRAD,
+                          STOCHASTIC, False, ROWS)
+
+        if counts_steps:
+            # The last program of this tensor to finish writes its counter back. Every thread of
+            # this program has read the counter before the barrier, and the atomic (acq_rel, GPU
+            # scope) orders this program's reads before any later program's write.
+            tl.debug_barrier()
+            finished = tl.atomic_add(done + row, 1)
+            if finished == tl.load(entry + 10) - 1:
+                tl.store(step_pointer, step)
+                tl.store(done + row, 0)  # ready for the next launch (or CUDA graph replay)
 
 
 # Whether `triton.jit` built an interpreted kernel (it reads TRITON_INTERPRET when the kernel is
@@ -277,8 +654,8 @@ if triton is not None:
 _INTERPRETED = triton is not None and not isinstance(_rmsprop_kernel, triton.runtime.JITFunction)
 
 
-_ELEMENT_TYPES = (
-    {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_FORMATS = (
+    {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8}
     if triton is not None else {}
 )
 
@@ -305,45 +682,60 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 _float32 = functools.partial(round_to_dtype, dtype=torch.float32)
 
 
+def _int32_halves(bits: int) -> tuple:
+    """The low and high 32 bits of a 64-bit pattern, each as a signed int32 value (an int32
+    argument whatever the bits, so the kernel's signature never changes)."""
+    signed = lambda half: half - (1 << 32) if half >= 1 << 31 else half
+    return signed(bits & 0xFFFFFFFF), signed((bits >> 32) & 0xFFFFFFFF)
+
+
 @functools.lru_cache(maxsize=64)
-def _step_scalars(alpha: float, eps: float, weight_decay: float, momentum: float, eps_in_sqrt: bool) -> dict:
-    """The float32 scalars of make_step_scalars in csrc/rmsprop_update.h, rounded the same way,
-    and the two flags it derives from them (constexprs of the kernel)."""
+def _step_scalars(alpha: float, eps: float, weight_decay: float, momentum: float, eps_in_sqrt: bool,
+                  decoupled_weight_decay: bool) -> dict:
+    """The scalars of make_step_scalars in csrc/rmsprop_update.h, rounded to float32 the same
+    way, and the flags it derives from them."""
     one_minus_alpha = _float32(1.0 - alpha)  # torch passes `1 - alpha`: rounded once, from double
+    alpha_low, alpha_high = _int32_halves(struct.unpack("<Q", struct.pack("<d", alpha))[0])
     return dict(
         alpha=_float32(alpha),
         one_minus_alpha=one_minus_alpha,
         # float32(1) - one_minus_alpha, a float32 subtraction: computing it in double and rounding
         # once gives the same float32 (double has more than 2 * 24 + 2 bits, so no double rounding).
         lerp_one_minus_w=_float32(1.0 - one_minus_alpha),
-        LERP_WEIGHT_SMALL=abs(one_minus_alpha) < 0.5,  # torch's lerp picks its formula by |weight|
         eps_inside_root=_float32(eps) if eps_in_sqrt else 0.0,  # x + 0 == x: the unused one is 0
         eps_outside_root=0.0 if eps_in_sqrt else _float32(eps),
         weight_decay=_float32(weight_decay),
-        # torch skips `g + wd * p` when wd == 0 (it matters for an inf p): decided on the double,
-        # as a weight decay that rounds to 0 in float32 still adds 0 * p.
-        HAS_WEIGHT_DECAY=weight_decay != 0.0,
         momentum=_float32(momentum),
+        alpha_low=alpha_low,
+        alpha_high=alpha_high,
+        lerp_weight_small=abs(one_minus_alpha) < 0.5,  # torch's lerp picks its formula by |weight|
+        # Decided on the double: a weight decay that rounds to 0 in float32 still adds 0 * p
+        # (torch skips `g + wd * p` when wd == 0, which matters for an inf p).
+        coupled_weight_decay=weight_decay != 0.0 and not decoupled_weight_decay,
+        decoupled_weight_decay=weight_decay != 0.0 and decoupled_weight_decay,
     )
 
 
 class _LaunchPlan:
-    """The pointer table and block map of one set of tensors, on their device (module docstring).
+    """The pointer table, block map and per-tensor program counters of one set of tensors, on
+    their device (module docstring). All three live in one int64 allocation, so building a plan
+    costs one host-to-device copy."""
 
-    Both live in one int64 allocation, so building a plan costs one host-to-device copy."""
-
-    def __init__(self, tensor_lists: Sequence[Sequence[Tensor]], columns: Sequence[int], device: torch.device,
-                 block_size: int):
-        params = tensor_lists[0]
+    def __init__(self, lists: dict, device: torch.device, block_size: int):
+        params = lists["params"]
         n = len(params)
         table = torch.zeros(n, _TABLE_WIDTH, dtype=torch.int64)
-        for column, tensors in zip(columns, tensor_lists):
-            table[:, column] = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+        for name, tensors in lists.items():
+            table[:, _COLUMNS[name]] = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
         numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-        table[:, _NUMEL] = numels
-        aligned = (table[:, list(columns)] % _ALIGNMENT == 0).all(dim=1)
+        element_columns = [_COLUMNS[name] for name in _ELEMENT_LISTS if name in lists]
+        aligned = (table[:, element_columns] % _ALIGNMENT == 0).all(dim=1)
 
-        blocks_per_tensor = (numels + block_size - 1) // block_size  # none for a zero-size tensor
+        blocks_per_tensor = (numels + block_size - 1) // block_size
+        if "state_steps" in lists:
+            blocks_per_tensor.clamp_(min=1)  # a zero-size tensor's program counts its step
+        table[:, _NUMEL] = numels
+        table[:, _PROGRAMS] = blocks_per_tensor
         rows = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), blocks_per_tensor)
         first_block_of_row = torch.cumsum(blocks_per_tensor, 0) - blocks_per_tensor
         starts = (torch.arange(rows.numel(), dtype=torch.int64) - first_block_of_row[rows]) * block_size
@@ -352,24 +744,25 @@ class _LaunchPlan:
         fast = aligned[rows] & (starts + block_size <= numels[rows])
         blocks = torch.stack([rows, starts, fast.to(torch.int64)], dim=1)
 
-        metadata = torch.cat([table.flatten(), blocks.flatten()]).to(device)
+        metadata = torch.cat([table.flatten(), blocks.flatten(), torch.zeros(n, dtype=torch.int64)]).to(device)
         self.table = metadata[: table.numel()]
-        self.blocks = metadata[table.numel():]
+        self.blocks = metadata[table.numel(): table.numel() + blocks.numel()]
+        self.done = metadata[table.numel() + blocks.numel():]
+        # A float32 tensor on the device for the pointer arguments the variant does not read.
+        self.unused = metadata.view(torch.float32)
         self.n_blocks = rows.numel()
 
 
-def _launch_plan(
-    tensor_lists: Sequence[Sequence[Tensor]], columns: Sequence[int], device: torch.device
-) -> _LaunchPlan:
+def _launch_plan(lists: dict, device: torch.device) -> _LaunchPlan:
     """The cached plan for these tensors where they are now, built on first use.
 
     The key holds every data pointer and size, so a plan is reused exactly while the table it
     holds is right: replacing any tensor by one elsewhere in memory (a new param, state loaded
     from a checkpoint, `module.to()`) builds a new plan."""
-    params = tensor_lists[0]
+    params = lists["params"]
     key = (
-        device, params[0].dtype, BLOCK_SIZE, tuple(columns),
-        tuple(t.data_ptr() for tensors in tensor_lists for t in tensors),
+        device, BLOCK_SIZE, tuple(lists),
+        tuple(t.data_ptr() for tensors in lists.values() for t in tensors),
         tuple(p.numel() for p in params),
     )
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -381,7 +774,7 @@ def _launch_plan(
                 "with a host-to-device copy that a CUDA graph cannot capture: run one step with "
                 "these tensors before capturing (as for any optimizer warm-up)"
             )
-        plan = _LaunchPlan(tensor_lists, columns, device, BLOCK_SIZE)
+        plan = _LaunchPlan(lists, device, BLOCK_SIZE)
         _plan_cache[key] = plan
         if len(_plan_cache) > _PLAN_CACHE_SIZE:
             _plan_cache.popitem(last=False)
@@ -390,6 +783,70 @@ def _launch_plan(
     if capturing:
         _captured_plans[key] = plan
     return plan
+
+
+def _as_float32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A one-element device tensor as the kernel reads it, float32: converted on the device (to
+    nearest, as the C++ op's static_cast<float> of its value) when it is another dtype, so that
+    the kernel's signature does not depend on it."""
+    return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
+
+
+class Launch(NamedTuple):
+    """One launch of the kernel: `_rmsprop_kernel[grid](*args, **kwargs)`."""
+
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+def kernel_launch(
+    params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+    momentum_buffer_scales, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+    lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state, rounding_seed,
+    grad_scale=None, found_inf=None, clip_coef=None,
+) -> Optional[Launch]:
+    """What :func:`rmsprop_triton` launches for one group (its arguments), or None when there is
+    nothing to do. The ahead-of-time compile test takes its variants from here."""
+    if not params:
+        return None
+    named = dict(params=params, grads=grads, square_avgs=square_avgs, grad_avgs=grad_avgs,
+                 momentum_buffers=momentum_buffers, state_steps=state_steps, square_avg_scales=square_avg_scales,
+                 grad_avg_scales=grad_avg_scales, momentum_buffer_scales=momentum_buffer_scales)
+    lists = {name: list(tensors) for name, tensors in named.items() if len(tensors)}
+    device = params[0].device
+    plan = _launch_plan(lists, device)
+    if plan.n_blocks == 0:
+        return None  # only zero-size tensors, and no step counters
+
+    state_dtype = square_avgs[0].dtype
+    maps = ((_quantization.code_map(False, device), _quantization.code_map(True, device))
+            if state_dtype == torch.uint8 else (plan.unused, plan.unused))
+    lr_from_tensor = isinstance(lr, Tensor)
+    grad_scale, clip_coef = _as_float32(grad_scale), _as_float32(clip_coef)
+    if found_inf is not None and found_inf.dtype != torch.float32:
+        found_inf = found_inf.ne(0).to(torch.float32)  # a tiny float64 flag must not round to 0
+    seed_low, seed_high = _int32_halves((rounding_seed or 0) & 0xFFFFFFFFFFFFFFFF)
+    # A pointer argument the kernel does not read (its flag is off) still needs a float32 tensor.
+    optional = lambda t: plan.unused if t is None else t
+    args = (
+        plan.table, plan.blocks, plan.done, *maps,
+        0.0 if lr_from_tensor else _float32(lr),
+        _as_float32(lr) if lr_from_tensor else plan.unused,
+        optional(grad_scale), optional(found_inf), optional(clip_coef),
+    )
+    kwargs = dict(
+        **_step_scalars(alpha, eps, weight_decay, momentum, eps_in_sqrt, decoupled_weight_decay),
+        seed_low=seed_low, seed_high=seed_high, maximize=maximize, lr_in_momentum=lr_in_momentum,
+        nesterov=nesterov, bias_correction=bias_correction, clip=clip_coef is not None,
+        variance_state=variance_state, counts_steps=bool(state_steps), has_found_inf=found_inf is not None,
+        lr_from_tensor=lr_from_tensor,
+        PARAM=_FORMATS[params[0].dtype], STATE=_FORMATS[state_dtype], CENTERED=centered, MOMENTUM=momentum > 0,
+        UNSCALE_GRAD=grad_scale is not None, STOCHASTIC=rounding_seed is not None,
+        BLOCK_SIZE=BLOCK_SIZE, TABLE_WIDTH=_TABLE_WIDTH, BLOCK_MAP_WIDTH=_BLOCK_MAP_WIDTH,
+        num_warps=NUM_WARPS, enable_fp_fusion=False, maxnreg=MAX_REGISTERS,
+    )
+    return Launch((plan.n_blocks,), args, kwargs)
 
 
 def rmsprop_triton(
@@ -421,54 +878,20 @@ def rmsprop_triton(
     found_inf: Optional[Tensor] = None,
     clip_coef: Optional[Tensor] = None,
 ) -> None:
-    """One RMSprop step on one (device, dtype) group, already validated by
+    """One RMSprop step on one (device, param dtype, state dtype) group, already validated by
     :func:`rmsprop_fused.functional.rmsprop` (the signature of the functional entry): a single
-    kernel launch, which reads a tensor lr, grad_scale and found_inf on the device."""
-    if not params:
+    kernel launch, which reads a tensor lr, grad_scale, found_inf, clip_coef and the step counters
+    on the device, and increments the counters unless found_inf is nonzero."""
+    launch = kernel_launch(
+        params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+        momentum_buffer_scales, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+        centered=centered, maximize=maximize, eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+        decoupled_weight_decay=decoupled_weight_decay, nesterov=nesterov, bias_correction=bias_correction,
+        variance_state=variance_state, rounding_seed=rounding_seed, grad_scale=grad_scale, found_inf=found_inf,
+        clip_coef=clip_coef,
+    )
+    if launch is None:
         return
-    if (square_avgs[0].dtype != params[0].dtype or decoupled_weight_decay or nesterov or bias_correction
-            or variance_state or rounding_seed is not None or clip_coef is not None):
-        raise NotImplementedError("the Triton kernel does not have this option yet")  # being ported
-    if state_steps:
-        if found_inf is None:
-            torch._foreach_add_(state_steps, 1.0)
-        else:
-            torch._foreach_add_(state_steps, (found_inf == 0).to(torch.float32))
-    tensor_lists, columns = [params, grads, square_avgs], [_PARAM, _GRAD, _SQUARE_AVG]
-    if centered:
-        tensor_lists.append(grad_avgs)
-        columns.append(_GRAD_AVG)
-    if momentum > 0:
-        tensor_lists.append(momentum_buffers)
-        columns.append(_MOMENTUM_BUFFER)
     device = params[0].device
-    plan = _launch_plan(tensor_lists, columns, device)
-    if plan.n_blocks == 0:
-        return  # only zero-size tensors
-
-    lr_from_tensor = isinstance(lr, Tensor)
-    # A pointer argument the kernel does not read (its constexpr flag is off) still needs a value.
-    unused = plan.table
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _rmsprop_kernel[(plan.n_blocks,)](
-            plan.table,
-            plan.blocks,
-            0.0 if lr_from_tensor else _float32(lr),
-            lr if lr_from_tensor else unused,
-            unused if grad_scale is None else grad_scale,
-            unused if found_inf is None else found_inf,
-            **_step_scalars(alpha, eps, weight_decay, momentum, eps_in_sqrt),
-            ELEMENT=_ELEMENT_TYPES[params[0].dtype],
-            TABLE_WIDTH=_TABLE_WIDTH,
-            BLOCK_MAP_WIDTH=_BLOCK_MAP_WIDTH,
-            CENTERED=centered,
-            MOMENTUM=momentum > 0,
-            MAXIMIZE=maximize,
-            LR_IN_MOMENTUM=lr_in_momentum,
-            LR_FROM_TENSOR=lr_from_tensor,
-            UNSCALE_GRAD=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None,
-            BLOCK_SIZE=BLOCK_SIZE,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        _rmsprop_kernel[launch.grid](*launch.args, **launch.kwargs)

@@ -329,7 +329,10 @@ def _addresses(t: Tensor) -> Tensor:
 def check_no_overlap(lists: Lists, *, where=None) -> None:
     """Refuses two tensors of the step that share memory (a tensor listed twice, p.grad = p, a
     state tensor that is a view of a param, overlapping views), naming both: on a GPU two blocks
-    would write the same bytes at once. `where(list name, index)` gives the optimizer's names."""
+    would write the same bytes at once. `where(list name, index)` gives the optimizer's names.
+    (Not while torch.compile traces: fake tensors have no addresses; the op checks the real ones.)"""
+    if torch.compiler.is_compiling():
+        return
     flat, names = [], []
     for name, tensors in zip(LIST_NAMES, lists):
         for i, t in enumerate(tensors):
@@ -473,15 +476,18 @@ def rmsprop(
 
 def _requested_state_dtype(lists: Lists, index: Optional[int] = None):
     """The functional form takes state as it comes: a param's state dtype is what its square_avg
-    holds (uint8: 8-bit codes, at any size), the same for all when `index` is None (or None when
-    they differ: the full checks then look at each param)."""
+    holds, where that is one the kernels keep for the param's dtype (uint8: 8-bit codes, at any
+    size), else the param's own, which the checks then ask of it. With `index` None: the dtype of
+    every square_avg, or None when they differ (the full checks then look at each param)."""
     if not lists.square_avgs:
         return None
     if index is None:
         dtypes = {t.dtype for t in lists.square_avgs if isinstance(t, Tensor)}
         return dtypes.pop() if len(dtypes) == 1 else None
-    t = lists.square_avgs[index]
-    return t.dtype if isinstance(t, Tensor) else None
+    state, param = lists.square_avgs[index], lists.params[index]
+    if isinstance(state, Tensor) and isinstance(param, Tensor) and state.dtype in backends.OTHER_STATE_DTYPES.get(param.dtype, ()):
+        return state.dtype
+    return None
 
 
 def apply_checked(lists: Lists, *, dense_copies=(), lr, alpha, eps, weight_decay, momentum, centered, maximize,
@@ -493,9 +499,9 @@ def apply_checked(lists: Lists, *, dense_copies=(), lr, alpha, eps, weight_decay
     `dense_copies`: the params that check_param found the kernels cannot walk as they are.
     Backends are resolved and the tensors checked for shared memory (unless `overlap_checked`)
     for every group before the first group is updated, so an unavailable backend or an overlap
-    also changes nothing."""
+    also changes nothing. (The op checks what reaches it again: it is an entry of its own.)"""
     plan = _plan(lists, differentiable, backend)
-    if not overlap_checked and needs_overlap_check(plan, dense_copies):
+    if not overlap_checked:
         check_no_overlap(lists, where=where)
     writebacks = ()
     if dense_copies:
@@ -514,12 +520,6 @@ def apply_checked(lists: Lists, *, dense_copies=(), lr, alpha, eps, weight_decay
         )
     for original, copy in writebacks:
         original.copy_(copy)
-
-
-def needs_overlap_check(plan, dense_copies) -> bool:
-    """Whether the step must check its tensors for shared memory itself: the op checks what
-    reaches it, but not the originals of dense copies, and the other backends check nothing."""
-    return bool(dense_copies) or any(name not in ("cpu", "cuda") for _, name, _ in plan)
 
 
 def _plan(lists: Lists, differentiable: bool, backend: str) -> list:

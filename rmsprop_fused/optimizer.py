@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import math
+import operator
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _extension, backends, clipping
 from . import _quantization as quantization
-from . import backends, clipping
 from .errors import BackendUnavailableError, InvalidInputError
 from .functional import (
-    OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, apply_checked, check_hyperparameters, check_no_overlap,
-    check_param, first_irregular,
+    _PLAIN_TENSOR_TYPES, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, apply_checked, check_hyperparameters,
+    check_no_overlap, check_param, first_irregular,
 )
 
 __all__ = ["FusedRMSprop"]
@@ -31,6 +33,126 @@ _OUR_DEFAULTS = {
     "nesterov": False, "bias_correction": False, "state_dtype": None, "stochastic_rounding": False,
     "rounding_seed": 0, "backend": "auto",
 }
+
+
+class _Changes:
+    """A counter of the changes to an optimizer's state, shared by its containers."""
+
+    __slots__ = ("count",)
+
+    def __init__(self):
+        self.count = 0
+
+
+class _ParamState(dict):
+    """A param's state dict, counting its changes (a state tensor added, replaced or removed) in
+    the optimizer's counter. Changes inside a tensor need no count: the kernels read it as it is,
+    and the op checks its metadata at every step."""
+
+    __slots__ = ("_changes",)
+
+    def __init__(self, changes: _Changes, items=()):
+        super().__init__(items)
+        self._changes = changes
+
+    def __reduce__(self):  # pickled as the plain dict it is to torch.optim
+        return (dict, (dict(self),))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._changes.count += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self._changes.count += 1
+
+    def pop(self, *args):
+        self._changes.count += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changes.count += 1
+        return super().popitem()
+
+    def clear(self):
+        self._changes.count += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changes.count += 1
+
+    def setdefault(self, key, default=None):
+        self._changes.count += 1
+        return super().setdefault(key, default)
+
+
+class _StateByParam(collections.defaultdict):
+    """optimizer.state: torch's defaultdict(dict) of each param's state dict, counting every change
+    to it or to the dicts it holds (_ParamState), so that the fast step reuses the lists it built
+    (and converted) while nothing changed. Any dict put in is held as a _ParamState."""
+
+    def __init__(self, items=()):
+        super().__init__(None)
+        self.changes = _Changes()
+        self.update(items)
+
+    @property
+    def version(self) -> int:
+        return self.changes.count
+
+    def __missing__(self, key):
+        self[key] = _ParamState(self.changes)
+        return super().__getitem__(key)
+
+    def __reduce__(self):  # pickled as torch.optim's defaultdict(dict), of plain dicts
+        return (_plain_state, (dict(self),))
+
+    def __setitem__(self, key, value):
+        if not isinstance(value, _ParamState) or value._changes is not self.changes:
+            value = _ParamState(self.changes, value)
+        super().__setitem__(key, value)
+        self.changes.count += 1
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.changes.count += 1
+
+    def pop(self, *args):
+        self.changes.count += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changes.count += 1
+        return super().popitem()
+
+    def clear(self):
+        self.changes.count += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+
+def _plain_state(items: dict) -> collections.defaultdict:
+    return collections.defaultdict(dict, {k: dict(v) for k, v in items.items()})
+
+
+class _FastLists(NamedTuple):
+    """What the fast step keeps between steps: the params it was built for, the state version and
+    keys it read, the state dtype, and the converted lists (rmsprop_fused._C.StepLists)."""
+
+    params: list
+    version: int
+    keys: dict
+    state_dtype: torch.dtype
+    handle: Any
 
 
 class _Gathered(NamedTuple):
@@ -195,7 +317,9 @@ class FusedRMSprop(Optimizer):
         self.norm_type = float(norm_type)
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.grad_norm: Optional[Tensor] = None
+        self._fast_cache = None
         super().__init__(params, defaults)  # each group is checked by add_param_group
+        self.state = _StateByParam(self.state)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the constructor's checks: the group's hyperparameters,
@@ -208,6 +332,7 @@ class FusedRMSprop(Optimizer):
             self._check_group(group, check_tensor_lr=True)
             for index, p in enumerate(group["params"]):
                 _check_state_dtype_suits(group, group_index, index, p)
+            _check_something_to_round(group, group_index)
             _check_backend_runs(group, group_index, group["params"])
         except Exception:
             del self.param_groups[group_index]
@@ -215,6 +340,8 @@ class FusedRMSprop(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.state = _StateByParam(self.state)
+        self._fast_cache = None
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("norm_type", 2.0)
         self.__dict__.setdefault("error_if_nonfinite", False)
@@ -340,24 +467,16 @@ class FusedRMSprop(Optimizer):
     def _step(self) -> None:
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        if self._fast_step(grad_scale, found_inf):
+            return
 
         # Check every group, the backends, shared memory, and the norm when it must be finite,
         # before touching anything: a refused step changes nothing and creates no state.
         gathered = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
         for group_index, (group, members) in enumerate(zip(self.param_groups, gathered)):
-            names = _check_backend_runs(group, group_index, members.lists.params)
-            if members.dense_copies or any(name not in ("cpu", "cuda") for name in names):
-                check_no_overlap(members.lists, where=_optimizer_names(group_index, group, members))
-        clip_coef = None
-        if self.max_grad_norm is not None:
-            grads = [g for members in gathered for g in members.lists.grads]
-            if grads:
-                total = clipping.grad_norm(grads, self.norm_type, grad_scale)
-                if self.error_if_nonfinite and not bool(torch.isfinite(total)):
-                    if found_inf is None or not bool(found_inf != 0):  # GradScaler skips the step anyway
-                        raise RuntimeError(clipping.NONFINITE_NORM_MESSAGE.format(norm_type=self.norm_type))
-                clip_coef = clipping.clip_coefficient(total, self.max_grad_norm)
-                self.grad_norm = total
+            _check_backend_runs(group, group_index, members.lists.params)
+            check_no_overlap(members.lists, where=_optimizer_names(group_index, group, members))
+        clip_coef = self._clip_coefficient([g for members in gathered for g in members.lists.grads], grad_scale, found_inf)
         for index, (group, members) in enumerate(zip(self.param_groups, gathered)):
             if members.lacks_state():
                 for p in members.lists.params:
@@ -380,6 +499,88 @@ class FusedRMSprop(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
                 differentiable=group["differentiable"], backend=group["backend"], overlap_checked=True,
             )
+
+    def _fast_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
+        """The common step in one call of the op, with no per-param Python checks: one param
+        group of plain tensors that all have grads and state, a compiled backend, state in one
+        dtype. The op checks everything itself before it writes (a refusal is a ValueError, and
+        changes nothing), and a single call is atomic, so when it refuses, the full path runs and
+        words the error, or takes what the op cannot (a view with gaps). False when this step is
+        not such a step, or was refused. What it reads per param is a grad and the state tensors
+        (from the params' state dicts, found again only when the optimizer's state or the group's
+        params changed): about 0.1 us each."""
+        if _extension.load_error is not None or len(self.param_groups) != 1 or torch.compiler.is_compiling():
+            return False  # (no extension: the full path takes the reference, or names why not)
+        group = self.param_groups[0]
+        params = group["params"]
+        if group["differentiable"] or group["state_dtype"] == quantization.EIGHT_BIT or group["backend"] not in ("auto", "cpu", "cuda"):
+            return False  # (8-bit groups keep their small tensors in float32: two calls)
+        keys = _state_keys(group)
+        lists = self._fast_lists(params, keys)
+        if lists is None:
+            return False
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # a param without a grad this step: the full path
+            return False  # (not `None in grads`: that compares tensors with ==, 40 us each)
+        first = params[0]
+        self._check_group(group)
+        try:
+            name = backends.select(group["backend"], first.device, first.dtype, lists.state_dtype)
+        except BackendUnavailableError:
+            return False  # the full path names the param
+        lr = group["lr"]
+        if name not in ("cpu", "cuda") or (isinstance(lr, Tensor) and lr.device != first.device):
+            return False  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
+        clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        try:
+            lists.handle.step(
+                grads, 0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
+                group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
+                group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
+                group["nesterov"], group["bias_correction"], _uses_variance_state(group),
+                _group_seed(group, 0) if group["stochastic_rounding"] and _stores_16_bit(first, group) else None,
+                lr_tensor, _on(grad_scale, first.device), _on(found_inf, first.device), _on(clip_coef, first.device),
+            )
+        except ValueError:
+            return False  # refused before any write: the full path words it, or copes
+        return True
+
+    def _fast_lists(self, params: list, keys: Dict[str, str]) -> Optional["_FastLists"]:
+        """The converted lists of the fast step (params, their state tensors and step counters), when
+        all params are plain real tensors with the state `keys` names; built again only when the
+        optimizer's state (its version counter) or the group's params changed."""
+        cached = self._fast_cache
+        version = self.state.version
+        if (cached is not None and cached.version == version and cached.keys == keys
+                and len(cached.params) == len(params) and all(map(operator.is_, cached.params, params))):
+            return cached
+        self._fast_cache = None
+        if not params or not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)) or any(p.is_complex() for p in params):
+            return None
+        states = [self.state.get(p) for p in params]
+        try:
+            tensors = {name: [state[key] for state in states] for name, key in keys.items()}
+            steps = [state["step"] for state in states]
+        except (KeyError, TypeError):  # no state yet, or state an option needs (momentum switched on)
+            return None
+        handle = _extension.step_lists(params, tensors["square_avgs"], tensors.get("grad_avgs", []),
+                                       tensors.get("momentum_buffers", []), steps)
+        self._fast_cache = _FastLists(list(params), version, dict(keys), tensors["square_avgs"][0].dtype, handle)
+        return self._fast_cache
+
+    def _clip_coefficient(self, grads: List[Tensor], grad_scale, found_inf) -> Optional[Tensor]:
+        """The clip coefficient of these grads (all of the step's), or None without clipping;
+        keeps the pre-clip norm in grad_norm. Raises for a non-finite norm with
+        error_if_nonfinite (before anything changes)."""
+        if self.max_grad_norm is None or not grads:
+            return None
+        total = clipping.grad_norm(grads, self.norm_type, grad_scale)
+        if self.error_if_nonfinite and not bool(torch.isfinite(total)):
+            if found_inf is None or not bool(found_inf != 0):  # GradScaler skips the step anyway
+                raise RuntimeError(clipping.NONFINITE_NORM_MESSAGE.format(norm_type=self.norm_type))
+        self.grad_norm = total
+        return clipping.clip_coefficient(total, self.max_grad_norm)
 
     # ------------------------------------------------------------------ state_dict
 
@@ -404,6 +605,13 @@ class FusedRMSprop(Optimizer):
             if pid not in saved or not saved[pid]:
                 continue
             self.state[p] = _convert_state(saved[pid], p, group_of[p])
+
+    def state_dict(self) -> dict:
+        """torch's state_dict, with each param's state as a plain dict (torch.load's weights_only
+        mode loads nothing else)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
 
     def full_precision_state_dict(self) -> dict:
         """A state_dict in torch.optim.RMSprop's form, whatever the state_dtype: ``square_avg``,
@@ -545,6 +753,10 @@ def _optimizer_names(group_index: int, group: dict, members: _Gathered):
     return name
 
 
+def _stores_16_bit(p: Tensor, group: dict) -> bool:
+    return p.dtype in (torch.float16, torch.bfloat16) or group["state_dtype"] == torch.bfloat16
+
+
 def _group_seed(group: dict, group_index: int) -> int:
     """The seed of a group's stream: the optimizer's, made distinct per group (a 64-bit mix)."""
     x = (group["rounding_seed"] + 0x9E3779B97F4A7C15 * (group_index + 1)) & 0xFFFFFFFFFFFFFFFF
@@ -568,6 +780,20 @@ def _check_state_dtype_suits(group: dict, group_index: int, index: int, p: Tenso
         raise ValueError(
             f"{where} is a DTensor (FSDP2): 8-bit state is quantized in blocks of 256 along each tensor's memory, "
             "which sharding would cut; use state_dtype=torch.bfloat16 under FSDP2"
+        )
+
+
+def _check_something_to_round(group: dict, group_index: int) -> None:
+    """stochastic_rounding rounds 16-bit values: bfloat16 state or 16-bit params. A group with
+    neither would silently round nothing."""
+    if not group["stochastic_rounding"] or group["state_dtype"] == torch.bfloat16:
+        return
+    if not any(isinstance(p, Tensor) and p.dtype in (torch.float16, torch.bfloat16) for p in group["params"]):
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in group["params"] if isinstance(p, Tensor)})
+        raise ValueError(
+            f"param group {group_index}: stochastic_rounding=True has nothing to round: its params are "
+            f"{', '.join(dtypes)} and its state_dtype is {group['state_dtype']!r}; it rounds float16 and bfloat16 "
+            "params and bfloat16 state (state_dtype=torch.bfloat16)"
         )
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh clone: a virtual environment in .venv with torch and the test/bench tools,
-# then builds and installs rmsprop_fused (C++ CPU kernel, and the CUDA kernel when nvcc is found).
-# Sourced by scripts/main.sh and scripts/test.sh; safe to run again (it reuses what is there).
+# then builds rmsprop_fused (C++ CPU kernel, and the CUDA kernel when nvcc is found) into the
+# checkout itself, as an editable install.
+# Run by scripts/main.sh and scripts/test.sh; safe to run again (it reuses what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,5 +22,12 @@ python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm scikit-le
 # nvcc outside PATH (e.g. /usr/local/cuda/bin) is found by setup.py; with no GPU present the
 # CUDA kernel is compiled for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-python -m pip install -q --no-build-isolation .
+# Editable, so that the compiled extension lands in rmsprop_fused/ here: a script run from the
+# checkout's root imports this source tree, not a copy in site-packages, and must find it there.
+python -m pip install -q --no-build-isolation -e .
+# The report as a user's script run from the root sees the package; the setup fails if that is not
+# the extension just built.
 python -m rmsprop_fused
+if [ "${RMSPROP_FUSED_BUILD_EXTENSION:-1}" != 0 ]; then
+  python -c 'import sys, rmsprop_fused._extension as e; sys.exit(e.load_error)'
+fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fresh clone -> the whole test suite: set up (scripts/setup.sh), then pytest on the installed
-# package. Extra arguments go to pytest (e.g. --runslow, -k triton).
+# Fresh clone -> the whole test suite: set up (scripts/setup.sh), then pytest on the package built
+# into the checkout. Extra arguments go to pytest (e.g. --runslow, -k triton).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
@@ -11,6 +11,4 @@ export RMSPROP_FUSED_REQUIRE_EXTENSION=1
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; then
   export RMSPROP_FUSED_REQUIRE_CUDA_BUILD=1
 fi
-# `pytest`, not `python -m pytest`: the latter would import the source tree (no compiled
-# extension in it) instead of the installed package.
 pytest tests -q "$@"

@@ -192,13 +192,18 @@ def assert_lists_close(actual: dict, expected: dict, *, steps: int = 1) -> None:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (NaN payloads included), on any devices."""
+    """Bitwise equality on any devices, the sign of zero included, except that any NaN equals any
+    NaN: the payload and sign of a float32 or float64 NaN are the hardware's (x86's square root of
+    a negative number is -NaN, a GPU's +NaN); 16-bit stores make every NaN the canonical one."""
     a, b = a.detach().cpu(), b.detach().cpu()
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.is_floating_point():
+        nan = torch.isnan(a)
+        if not torch.equal(nan, torch.isnan(b)):
+            return False
         bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
-        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+        return torch.equal(a.contiguous().view(bits)[~nan], b.contiguous().view(bits)[~nan])
     return torch.equal(a, b)
 
 

@@ -216,8 +216,11 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
                      "--dtypes", "fp32", "--impls", impls, "--repeats", "2", "--min-time", "0",
                      "--bandwidth-log2-numel", "16"])
     assert rc == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "skipping fused-triton for fp32" in out and "torch-forloop" in out
+    # stderr is no terminal here (as in a log of `> log 2>&1`): no progress bar, the table alone
+    assert captured.err == ""
     stem = tmp_path / bench.device_stem(torch.device("cpu"))
     report = json.loads(stem.with_suffix(".json").read_text())
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["cpu_count"] == os.cpu_count()
@@ -225,12 +228,22 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     assert report["bandwidth"]["tiny"]["copy_gbps"] > 0 and report["bandwidth"]["tiny"]["inplace_add_gbps"] > 0
     rows = report["results"]
     assert {r["options"] for r in rows} == {"plain", "momentum"}
+    table = out.splitlines()[out.splitlines().index(bench.COLUMNS) + 1:][:len(rows)]
+    assert [line.split()[:4] for line in table] == [[r["list_name"], r["dtype"], r["options"], r["impl"]] for r in rows]
     for r in rows:
         assert r["gbps"] == pytest.approx(r["min_bytes"] / r["median_s"] / 1e9)
         assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / report["bandwidth"]["tiny"]["copy_gbps"])
         assert math.isfinite(r["speedup_vs_default"])
     png = stem.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_results_go_to_bench_out_unless_asked_and_every_option_says_what_it_does():
+    """bench/results holds the committed runs: a run writes there only when told to."""
+    assert bench.parse_args([]).out == os.path.join(ROOT, "bench", "out")
+    options = [a for a in bench.make_parser()._actions if a.option_strings and a.dest != "help"]
+    assert "device" in {a.dest for a in options}
+    assert [a.option_strings[0] for a in options if not (a.help and len(a.help.split()) > 2)] == []
 
 
 def test_page_faults_are_counted_per_step():

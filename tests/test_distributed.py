@@ -400,3 +400,176 @@ def test_dcp_zero_step_on_a_fresh_optimizer_decays_initial_scale_once():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     for state in optimizer.state.values():
         assert bool((state["square_avg"] == 0.9).all())
+
+
+# ------------------------------------------------------------------ clipping by global norm
+
+CLIP = dict(max_grad_norm=0.05, centered=True, momentum=0.9, weight_decay=0.1)
+
+
+def clip_oracle(problem: Problem, norm_type: float) -> dict:
+    """clip_grad_norm_ then torch.optim.RMSprop, in one process, on the ranks' batches together."""
+    options = {k: v for k, v in CLIP.items() if k != "max_grad_norm"}
+    model = new_net(problem.init_state)
+    optimizer = torch.optim.RMSprop(model.parameters(), foreach=False, **options)
+    for batch in problem.batches:
+        optimizer.zero_grad()
+        loss_fn(model, batch.flatten(0, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP["max_grad_norm"], norm_type=norm_type)
+        optimizer.step()
+    return snapshot(model, optimizer)
+
+
+def _fsdp_clip_rank(rank, world_size, init_state, batches, norm_type):
+    mesh = dc.init_device_mesh("cpu", (world_size,))
+    model = shard(new_net(init_state), mesh)
+    optimizer = FusedRMSprop(model.parameters(), norm_type=norm_type, **CLIP)
+    norms = []
+    for batch in batches:
+        optimizer.zero_grad()
+        loss_fn(model, batch[rank]).backward()
+        optimizer.step()
+        norms.append(float(optimizer.grad_norm))
+    result = gather(model, optimizer)
+    result["norms"] = norms
+    return result
+
+
+@requires_fsdp2
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")], ids=["l2", "inf"])
+def test_fsdp2_clipping_spans_all_shards(norm_type):
+    """Each rank holds a shard of every grad; the norm is the whole gradient's (the local partial
+    norms reduced over the mesh, as torch's clip_grad_norm_ does through DTensor), so the sharded
+    run follows clip_grad_norm_ + torch.optim.RMSprop on one process, and every rank logs the same
+    norm."""
+    problem = draw_problem()
+    ranks = run_on_ranks(_fsdp_clip_rank, problem.init_state, problem.batches, norm_type)
+    expected = clip_oracle(problem, norm_type)
+    for rank, result in enumerate(ranks):
+        check_against(expected, result, f"seed {problem.seed}, rank {rank}")
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    assert any(n > CLIP["max_grad_norm"] for n in ranks[0]["norms"]), "no step clipped: the test tests nothing"
+
+
+# ----------------------------------------------------------------------- low-precision state
+
+
+class WideNet(nn.Module):
+    """float32, with a layer of 8,192 weights (8-bit state) and small ones (float32 state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(64, 128)
+        self.head = nn.Linear(128, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.wide(x)))
+
+
+def _wide_problem(seed):
+    gen = torch.Generator().manual_seed(seed)
+    init = {k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in WideNet().state_dict().items()}
+    batches = torch.randn(STEPS, BATCH_PER_RANK, 64, generator=gen)
+    return init, batches
+
+
+def _wide_run(init, batches, rank_batches, model_wrapper, state_dtype, **options):
+    """Trains a WideNet; with one intra-op thread, as the ranks run (so that matmuls round alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = WideNet()
+        model.load_state_dict(init)
+        wrapped = model_wrapper(model)
+        optimizer = FusedRMSprop(wrapped.parameters(), state_dtype=state_dtype, **options)
+        for batch in rank_batches(batches):
+            optimizer.zero_grad()
+            wrapped(batch).square().mean().backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model, optimizer
+
+
+def _ddp_low_precision_rank(rank, world_size, init, batches, state_dtype, stochastic_rounding):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    options = dict(centered=True, momentum=0.9, max_grad_norm=1.0, stochastic_rounding=stochastic_rounding)
+    model, optimizer = _wide_run(init, batches, lambda b: b, DDP, state_dtype, **options)
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "state": {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("state_dtype, stochastic_rounding", [("8bit", False), (torch.bfloat16, True)], ids=["8bit", "bf16-stochastic"])
+def test_ddp_with_low_precision_state_is_the_single_process_run(state_dtype, stochastic_rounding):
+    """Every rank trains on the same batches, so DDP's averaged grads are each rank's own, bit
+    for bit ((g + g) / 2 = g): the replicas, their 8-bit codes and scales (or bf16 state, rounded
+    stochastically from the same seed) must then be bitwise those of one process."""
+    init, batches = _wide_problem(random.SystemRandom().randrange(2**32))
+    state_dtype_arg = state_dtype
+    ranks = run_on_ranks(_ddp_low_precision_rank, init, batches, state_dtype_arg, stochastic_rounding)
+    options = dict(centered=True, momentum=0.9, max_grad_norm=1.0, stochastic_rounding=stochastic_rounding)
+    model, optimizer = _wide_run(init, batches, lambda b: b, lambda m: m, state_dtype, **options)
+    expected_state = {n: optimizer.state[p] for n, p in model.named_parameters()}
+    if state_dtype == "8bit":
+        assert expected_state["wide.weight"]["grad_var"].dtype == torch.uint8
+    for result in ranks:
+        for name, p in model.named_parameters():
+            assert torch.equal(result["params"][name], p.detach()), name
+            for key, value in expected_state[name].items():
+                assert torch.equal(result["state"][name][key], value), (name, key)
+
+
+def _fsdp_low_precision_rank(rank, world_size, init, batches, checkpoint_dir):
+    mesh = dc.init_device_mesh("cpu", (world_size,))
+
+    def shard_wide(model):
+        dc.fully_shard(model.wide, mesh=mesh)
+        dc.fully_shard(model, mesh=mesh)
+        return model
+
+    try:
+        _wide_run(init, batches, lambda b: b, shard_wide, "8bit")
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    options = dict(centered=True, momentum=0.9)
+    model, optimizer = _wide_run(init, batches[: STEPS // 2], lambda b: b, shard_wide, torch.bfloat16, **options)
+    model_sd, optim_sd = dc.get_state_dict(model, optimizer)
+    dc.dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
+    for batch in batches[STEPS // 2:]:
+        optimizer.zero_grad()
+        model(batch).square().mean().backward()
+        optimizer.step()
+    unbroken = {n: full(p.detach()) for n, p in model.named_parameters()}
+    state_dtypes = {n: {k: v.dtype for k, v in optimizer.state[p].items()} for n, p in model.named_parameters()}
+
+    fresh = WideNet()
+    fresh_model = shard_wide(fresh)
+    fresh_optimizer = FusedRMSprop(fresh_model.parameters(), state_dtype=torch.bfloat16, **options)
+    model_sd, optim_sd = dc.get_state_dict(fresh_model, fresh_optimizer)
+    state_dict = {"model": model_sd, "optim": optim_sd}
+    dc.dcp.load(state_dict, checkpoint_id=checkpoint_dir)
+    dc.set_state_dict(fresh_model, fresh_optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+    for batch in batches[STEPS // 2:]:
+        fresh_optimizer.zero_grad()
+        fresh_model(batch).square().mean().backward()
+        fresh_optimizer.step()
+    resumed = {n: full(p.detach()) for n, p in fresh_model.named_parameters()}
+    return {"refusal": refusal, "unbroken": unbroken, "resumed": resumed, "state_dtypes": state_dtypes}
+
+
+@requires_fsdp2
+@requires_dcp
+def test_fsdp2_takes_bf16_state_and_its_checkpoint_and_refuses_8bit(tmp_path):
+    init, batches = _wide_problem(random.SystemRandom().randrange(2**32))
+    ranks = run_on_ranks(_fsdp_low_precision_rank, init, batches, str(tmp_path / "checkpoint"))
+    options = dict(centered=True, momentum=0.9)
+    model, _ = _wide_run(init, batches, lambda b: b, lambda m: m, torch.bfloat16, **options)
+    for result in ranks:
+        assert result["refusal"] and "8-bit state is quantized in blocks of 256" in result["refusal"]
+        assert result["state_dtypes"]["wide.weight"]["grad_var"] == torch.bfloat16
+        for name, p in model.named_parameters():
+            # the same elementwise update on shards as on whole tensors: the single process's bits
+            assert torch.equal(result["unbroken"][name], p.detach()), name
+            assert torch.equal(result["resumed"][name], result["unbroken"][name]), name

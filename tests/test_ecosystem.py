@@ -1,5 +1,6 @@
 """FusedRMSprop in the PyTorch ecosystem: AMP GradScaler, torch.compile, LR schedulers, CUDA
-graphs (capturable). DDP / FSDP2 are in tests/test_distributed.py."""
+graphs (capturable), hyperparameters changed between steps. DDP / FSDP2 are in
+tests/test_distributed.py."""
 
 import copy
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from rmsprop_fused import FusedRMSprop
-from common import assert_close, available, clone_lists, make_lists, step
+from common import assert_close, available, clone_lists, fresh_seed, make_lists, step
 
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b)]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -225,3 +226,43 @@ def test_step_is_captured_in_a_cuda_graph_and_replays(backend):
     torch.cuda.synchronize()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert_close(a, b, steps=8)
+
+
+# ---------------------------------------------------------------- alpha changed between steps
+
+
+@pytest.mark.parametrize("backend, device", [(b, "cpu") for b in CPU_BACKENDS]
+                         + [pytest.param(b, "cuda", marks=requires_cuda) for b in ("cuda", "triton")])
+@pytest.mark.parametrize("centered, momentum", [(False, 0.0), (True, 0.9)], ids=["plain", "centered-momentum"])
+def test_alpha_changed_between_steps_takes_effect_at_once_as_in_torch(backend, device, centered, momentum):
+    """A gamma schedule (examples/d2l_rmsprop.py, exercise 4) writes alpha into the param groups
+    between steps; torch.optim.RMSprop reads it at every step, and so must every backend."""
+    if not available(backend, device):
+        pytest.skip(f"backend {backend!r} is not available on {device}")
+    gen = torch.Generator().manual_seed(fresh_seed())
+    shapes = [(7, 3), (130,), (5,)]
+    start = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(6)]
+    ours_params = [p.to(device).requires_grad_() for p in start]
+    torch_params = [p.to(device).requires_grad_() for p in start]
+
+    def groups(params):
+        return [{"params": params[:2]}, {"params": params[2:], "alpha": 0.5}]
+
+    kwargs = dict(lr=1e-2, alpha=0.99, momentum=momentum, centered=centered)
+    ours = FusedRMSprop(groups(ours_params), backend=backend, **kwargs)
+    theirs = torch.optim.RMSprop(groups(torch_params), foreach=False, **kwargs)
+    for t, step_grads in enumerate(grads, 1):
+        for optimizer, params in ((ours, ours_params), (theirs, torch_params)):
+            # rising as in the example's schedule, whose first alpha, 0, would make the centered
+            # variance g^2 - g^2: zero, or NaN after a rounding below it
+            optimizer.param_groups[0]["alpha"] = 1 - (t + 1) ** -0.8
+            optimizer.param_groups[1]["alpha"] = 0.9 if t % 2 else 0.3
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(device)
+            optimizer.step()
+        for a, b in zip(ours_params, torch_params):
+            assert_close(a, b, steps=t, name=f"param after step {t}")
+            for key, value in theirs.state[b].items():
+                if key != "step":
+                    assert_close(ours.state[a][key], value, steps=t, name=f"{key} after step {t}")

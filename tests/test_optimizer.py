@@ -4,6 +4,8 @@ of the TF / Keras / d2l / timm variants; state_dict compatibility; options and e
 import copy
 import math
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -193,6 +195,153 @@ def test_timm_rmsproptf_defaults(backend, momentum):
         torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_timm_rmsproptf_decoupled_decay(backend, centered):
+    """timm RMSpropTF(decoupled_decay=True), timm/optim/rmsprop_tf.py _single_tensor_rmsprop_tf
+    (timm 1.0): param.mul_(1 - lr * weight_decay) before the update (wd_scale = lr, no
+    corrected_weight_decay), square_avg.add_(grad**2 - square_avg, alpha=1 - alpha),
+    grad_avg.add_(grad - grad_avg, alpha=1 - alpha), avg = sqrt(square_avg - grad_avg**2 + eps),
+    buf = momentum * buf + lr * grad / avg (lr_in_momentum), param -= buf."""
+    lr, alpha, eps, wd, momentum = 1e-2, 0.9, 1e-10, 0.05, 0.9
+    p0, grads = draw(25, seed=3)
+    ours = run_fused(p0, grads, lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum, centered=centered,
+                     eps_in_sqrt=True, initial_scale=1.0, lr_in_momentum=True, decoupled_weight_decay=True,
+                     backend=backend)
+    p, v, m, buf = p0.clone(), torch.ones_like(p0), torch.zeros_like(p0), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        p = p * (1.0 - lr * wd)
+        v = v + (1 - alpha) * (g * g - v)
+        if centered:
+            m = m + (1 - alpha) * (g - m)
+            avg = torch.sqrt(v - m * m + eps)
+        else:
+            avg = torch.sqrt(v + eps)
+        buf = momentum * buf + lr * g / avg
+        p = p - buf
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_keras3_rmsprop_with_weight_decay(backend, centered):
+    """Keras 3 RMSprop(weight_decay=...): keras/src/optimizers/base_optimizer.py
+    _apply_weight_decay runs first, variable = variable - variable * wd * lr, then
+    keras/src/optimizers/rmsprop.py update_step: velocity = rho * velocity + (1 - rho) * g**2,
+    average_grad = rho * average_grad + (1 - rho) * g, denominator = velocity - average_grad**2
+    + epsilon, increment = lr * g / sqrt(denominator), momentum = momentum * m + increment,
+    variable -= momentum."""
+    lr, rho, eps, wd, momentum = 1e-3, 0.9, 1e-7, 0.004, 0.9
+    p0, grads = draw(25, seed=4)
+    ours = run_fused(p0, grads, lr=lr, alpha=rho, eps=eps, weight_decay=wd, momentum=momentum, centered=centered,
+                     eps_in_sqrt=True, lr_in_momentum=True, decoupled_weight_decay=True, backend=backend)
+    p, velocity, average_grad, m = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        p = p - p * wd * lr
+        velocity = rho * velocity + (1 - rho) * g * g
+        if centered:
+            average_grad = rho * average_grad + (1 - rho) * g
+            denominator = velocity - average_grad * average_grad + eps
+        else:
+            denominator = velocity + eps
+        m = momentum * m + lr * g / torch.sqrt(denominator)
+        p = p - m
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+def _optax_rmsprop(p0, grads, *, learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered, momentum,
+                   nesterov, bias_correction):
+    """optax.rmsprop (optax 0.2.8, optax/_src/alias.py): chain(scale_by_rms, or scale_by_stddev
+    when centered (optax/_src/transform.py), scale_by_learning_rate, trace(momentum, nesterov)
+    (optax/transforms/_accumulation.py)), applied with optax.apply_updates. Bias correction
+    (optax tree_bias_correction) divides nu (and mu) by 1 - decay**count."""
+    p, nu, mu, trace = p0.clone(), torch.full_like(p0, initial_scale), torch.zeros_like(p0), torch.zeros_like(p0)
+    out = []
+    for count, g in enumerate(grads, start=1):
+        nu = (1 - decay) * g**2 + decay * nu
+        mu = (1 - decay) * g + decay * mu
+        nu_hat, mu_hat = (nu / (1 - decay**count), mu / (1 - decay**count)) if bias_correction else (nu, mu)
+        variance = nu_hat - mu_hat**2 if centered else nu_hat
+        scaling = torch.rsqrt(variance + eps) if eps_in_sqrt else 1 / (torch.sqrt(variance) + eps)
+        updates = -learning_rate * (scaling * g)
+        trace = updates + momentum * trace
+        updates = updates + momentum * trace if nesterov else trace
+        p = p + updates
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("nesterov, bias_correction", [(True, False), (False, True), (True, True)],
+                         ids=["nesterov", "bias-correction", "both"])
+@pytest.mark.parametrize("eps_in_sqrt", [True, False])
+def test_optax_rmsprop_nesterov_and_bias_correction(backend, centered, nesterov, bias_correction, eps_in_sqrt):
+    lr, decay, eps, momentum = 3e-3, 0.9, 1e-8, 0.8
+    p0, grads = draw(25, seed=5)
+    # Centered with bias correction, from zero, the first step's variance is that of one sample,
+    # 0 up to rounding (optax's too): its update is g / eps, and its sign decides a NaN. From
+    # initial_scale = 0.5 it is well conditioned.
+    initial_scale = 0.0 if bias_correction and not centered else 0.5
+    ours = run_fused(p0, grads, lr=lr, alpha=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
+                     centered=centered, momentum=momentum, nesterov=nesterov, bias_correction=bias_correction,
+                     lr_in_momentum=True, backend=backend)
+    theirs = _optax_rmsprop(p0, grads, learning_rate=lr, decay=decay, eps=eps, initial_scale=initial_scale,
+                            eps_in_sqrt=eps_in_sqrt, centered=centered, momentum=momentum, nesterov=nesterov,
+                            bias_correction=bias_correction)
+    for got, p in zip(ours, theirs):
+        torch.testing.assert_close(got, p, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_nesterov_with_torchs_lr_placement_is_torch_sgds(backend):
+    """lr_in_momentum=False: buf = momentum * buf + g / denom, p -= lr * (g / denom + momentum *
+    buf), torch.optim.SGD(nesterov=True)'s step on the normalised gradient."""
+    lr, alpha, momentum = 1e-2, 0.99, 0.9
+    p0, grads = draw(20, seed=6)
+    ours = run_fused(p0, grads, lr=lr, alpha=alpha, momentum=momentum, nesterov=True, backend=backend)
+    p, v, buf = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for g, got in zip(grads, ours):
+        v = alpha * v + (1 - alpha) * g * g
+        u = g / (torch.sqrt(v) + 1e-8)
+        buf = momentum * buf + u
+        p = p - lr * (u + momentum * buf)
+        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(nesterov=True), ValueError, "Nesterov momentum requires a momentum > 0"),
+    (dict(nesterov=True, momentum=0.0), ValueError, "Nesterov momentum requires a momentum > 0"),
+    (dict(decoupled_weight_decay=True, weight_decay=-0.1), ValueError, "Invalid weight_decay value: -0.1"),
+    (dict(bias_correction=True, alpha=1.0), ValueError, "bias_correction divides by 1 - alpha**step"),
+    (dict(bias_correction=True, alpha=1.5), ValueError, "bias_correction divides by 1 - alpha**step"),
+    (dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),
+    (dict(state_dtype="4bit"), ValueError, "Invalid state_dtype: '4bit'"),
+    (dict(rounding_seed=1.5), TypeError, "rounding_seed must be an int"),
+    (dict(max_grad_norm=0.0), ValueError, "Invalid max_grad_norm: 0.0"),
+    (dict(max_grad_norm=-1.0), ValueError, "Invalid max_grad_norm: -1.0"),
+    (dict(max_grad_norm=float("nan")), ValueError, "Invalid max_grad_norm: nan"),
+    (dict(max_grad_norm=1.0, norm_type=0.0), ValueError, "Invalid norm_type: 0.0"),
+    (dict(max_grad_norm=1.0, norm_type="fro"), ValueError, "Invalid norm_type: 'fro'"),
+])
+def test_bad_options_are_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        FusedRMSprop([nn.Parameter(torch.randn(3))], **kwargs)
+
+
+def test_a_bad_option_set_on_a_group_later_refuses_the_step_and_changes_nothing():
+    p = nn.Parameter(torch.randn(3))
+    opt = FusedRMSprop([p], momentum=0.9)
+    p.grad = torch.randn(3)
+    opt.step()
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    opt.param_groups[0]["nesterov"] = True
+    opt.param_groups[0]["momentum"] = 0.0
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum > 0"):
+        opt.step()
+    assert torch.equal(p, before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())
+
+
 def test_complex_params_match_torch():
     torch.manual_seed(4)
     p = nn.Parameter(torch.randn(5, 3, dtype=torch.complex128))
@@ -312,8 +461,6 @@ def test_signature_is_torchs_plus_keyword_only_extras():
     assert [(p.name, p.default) for p in ours[: len(theirs)]] == [(p.name, p.default) for p in theirs]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
     assert FusedRMSprop([nn.Parameter(torch.randn(2))], foreach=True).defaults["foreach"] is True
-    with pytest.raises(ValueError, match="differentiable=True"):
-        FusedRMSprop([nn.Parameter(torch.randn(2))], differentiable=True)
 
 
 def test_main_module_reports_every_backend(capsys):

@@ -59,8 +59,6 @@ COMPANION_DEFECTS = {
     "dtype": (lambda t: t.to(torch.float64 if t.dtype != torch.float64 else torch.float32), r"is float(64|32) \(4, 6\)"),
     # Same number of elements, different shape: a check on numel alone would let it through.
     "shape": (lambda t: t.reshape(SHAPE[::-1]).clone(), r"is float32 \(6, 4\)"),
-    # Same shape and values, transposed memory: element i of the param is not element i of this.
-    "strides": (lambda t: t.t().contiguous().t(), r"has strides \(1, 4\) but the param has strides \(6, 1\)"),
     # Memory holds -x and a flag says to negate on reading: a kernel writing memory loses the flag.
     "negative-view": (lambda t: torch._neg_view(t.neg()), r"is a negative view"),
 }
@@ -88,15 +86,12 @@ def _all_at_bad(lists, make):
         lists[key][BAD] = make(lists[key][BAD])
 
 
-# The param itself is unusable. Where the layout is the problem, grad and state get the same
-# layout, so that the companion check passes and the param's own check is what must refuse it.
+# The param itself is unusable. (A view with gaps, or a grad laid out otherwise, is usable: the
+# step updates a dense copy, tests/test_layouts.py.)
 PARAM_DEFECTS = {
-    # a view with gaps: every other column of a (4, 12) tensor
-    "gaps": (lambda t: torch.zeros(4, 12, dtype=t.dtype, device=t.device)[:, ::2].copy_(t), InvalidInputError,
-             r"params\[2\] is not dense \(shape \(4, 6\), strides \(12, 2\)\)"),
     # internally overlapping: four rows that are one row in memory (an update would apply 4 times)
     "overlap": (lambda t: t[:1].clone().expand(SHAPE), InvalidInputError,
-                r"params\[2\] is not dense \(shape \(4, 6\), strides \(0, 1\)\)"),
+                r"params\[2\] has overlapping elements \(strides \(0, 1\) for shape \(4, 6\)\)"),
     "meta": (lambda t: torch.empty(SHAPE, dtype=t.dtype, device="meta"), InvalidInputError,
              r"params\[2\] is on the meta device"),
     "negative-view": (COMPANION_DEFECTS["negative-view"][0], InvalidInputError, r"params\[2\] is a negative view"),
@@ -295,6 +290,13 @@ FAST_CHECK_DEFECTS = (
     + [f"param:{name}" for name in PARAM_DEFECTS]
     + list(OTHER_DEFECTS) + ["inference-param", "inference-state"]
 )
+# What the kernels cannot walk but the step takes through a dense copy: the fast check must stop
+# at these too, so that the full checks (which send them to the copy) see them.
+IRREGULAR_LAYOUTS = {
+    "grads:strides": lambda lists: lists["grads"].__setitem__(BAD, lists["grads"][BAD].t().contiguous().t()),
+    "square_avgs:strides": lambda lists: lists["square_avgs"].__setitem__(BAD, lists["square_avgs"][BAD].t().contiguous().t()),
+    "param:gaps": lambda lists: _all_at_bad(lists, lambda t: torch.zeros(4, 12, dtype=t.dtype)[:, ::2].copy_(t)),
+}
 
 
 @pytest.mark.parametrize("defect", FAST_CHECK_DEFECTS)
@@ -303,6 +305,14 @@ def test_fast_check_stops_at_every_input_the_full_checks_refuse(defect):
     assert _fast_check(lists) == BAD
     with pytest.raises((InvalidInputError, SparseGradientError, BackendUnavailableError)):
         call(lists, "auto")  # ... and what it stops at is refused
+
+
+@pytest.mark.parametrize("layout", IRREGULAR_LAYOUTS)
+def test_fast_check_stops_at_layouts_the_kernels_cannot_walk(layout):
+    lists = lists_2d("cpu")
+    IRREGULAR_LAYOUTS[layout](lists)
+    assert _fast_check(lists) == BAD
+    call(lists, "auto")  # ... and the step takes them
 
 
 def test_full_checks_run_only_from_the_first_irregular_param(monkeypatch):
@@ -358,9 +368,17 @@ def test_fast_check_leaves_dtypes_without_a_compiled_kernel_to_the_full_checks()
     assert _fast_check(lists) == BAD
 
 
+# The op itself walks only dense tensors laid out as their params (the functional entry makes
+# dense copies of the others): a grad of other strides and a view with gaps are refused there.
+OP_LAYOUT_DEFECTS = {
+    "strides": (lambda t: t.t().contiguous().t(), r"has strides \(1, 4\) but params\[2\] has strides \(6, 1\)"),
+    "gaps": (lambda t: torch.zeros(4, 12, dtype=t.dtype, device=t.device)[:, ::2].copy_(t), r"is not dense"),
+}
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 @pytest.mark.parametrize("defect", [
-    "dtype", "shape", "strides", "gaps", "sparse-grad",
+    "dtype", "shape", "strides", "gaps", "sparse-grad", "shared-memory",
     # The Meta dispatch key outranks CPU and CUDA: one meta tensor among real ones sends the call
     # to the fake implementation registered in _extension.py, which returns without a word.
     "meta-device",
@@ -377,22 +395,31 @@ def test_compiled_op_checks_everything_before_writing(backend, defect):
     if defect == "negative-view":
         lists["momentum_buffers"][BAD] = COMPANION_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
         where = None
+    elif defect == "strides":
+        lists["momentum_buffers"][BAD] = OP_LAYOUT_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
+        where = f"momentum_buffers[{BAD}]"
     elif defect in COMPANION_DEFECTS:
         lists["momentum_buffers"][BAD] = COMPANION_DEFECTS[defect][0](lists["momentum_buffers"][BAD])
         where = f"momentum_buffers[{BAD}]"
     elif defect == "gaps":
-        _all_at_bad(lists, PARAM_DEFECTS["gaps"][0])
+        _all_at_bad(lists, OP_LAYOUT_DEFECTS["gaps"][0])
         where = f"params[{BAD}]"
+    elif defect == "shared-memory":  # p.grad = p
+        lists["grads"][BAD] = lists["params"][BAD]
+        where = f"params[{BAD}] and grads[{BAD}] share memory"
     else:
         lists["grads"][BAD] = lists["grads"][BAD].to_sparse()
         where = None  # the dispatcher refuses it first ("Could not run ... 'SparseCPU' backend")
     before = Snapshot.of_lists(lists)
     refusal = re.escape(where) if where else ("negation" if defect == "negative-view" else "Sparse")
-    with pytest.raises(RuntimeError, match=refusal):
+    # The op's own checks raise ValueError; the dispatcher's refusals (sparse, negative view)
+    # are RuntimeErrors.
+    with pytest.raises(ValueError if where else RuntimeError, match=refusal):
         torch.ops.rmsprop_fused.rmsprop_(
             lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
-            lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True, maximize=False,
-            eps_in_sqrt=False, lr_in_momentum=False,
+            [], [], [], [], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True,
+            maximize=False, eps_in_sqrt=False, lr_in_momentum=False, decoupled_weight_decay=False,
+            nesterov=False, bias_correction=False, variance_state=False,
         )
     before.assert_unchanged(Snapshot.of_lists(lists))
 
@@ -436,7 +463,7 @@ def test_optimizer_refuses_mismatched_state_and_changes_nothing(backend, device,
 
 
 @pytest.mark.parametrize("backend, device", [p for p in BACKEND_DEVICES if p.values[1] != "cpu"])
-@pytest.mark.parametrize("defect", ["dtype", "shape", "strides", "sparse"])
+@pytest.mark.parametrize("defect", ["dtype", "shape", "sparse"])
 def test_optimizer_refuses_a_bad_grad_on_other_devices(backend, device, defect):
     """tests/test_errors.py checks these on CPU tensors; the same on every other device. (A grad
     on another device cannot be attached to a param at all: autograd's .grad setter refuses it.)"""
@@ -446,17 +473,13 @@ def test_optimizer_refuses_a_bad_grad_on_other_devices(backend, device, defect):
         d.grad = d.grad.to_sparse()
         error, message = SparseGradientError, "param group 1, param 1: RMSprop does not support sparse gradients"
     else:
-        bad = COMPANION_DEFECTS[defect][0](d.grad)
-        if defect == "strides":
-            d.grad = bad
-        else:  # the .grad setter refuses these; code that swaps .data still produces them
-            d.grad.data = bad
+        d.grad.data = COMPANION_DEFECTS[defect][0](d.grad)  # the .grad setter refuses these; swapping .data does not
         error, message = InvalidInputError, "param group 1, param 1: grad"
     refused_step_changes_nothing(opt, error, message)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-@pytest.mark.parametrize("defect, message", [("gaps", "is not dense"), ("overlap", "is not dense"),
+@pytest.mark.parametrize("defect, message", [("overlap", "has overlapping elements"),
                                              ("negative-view", "is a negative view")])
 def test_optimizer_refuses_an_unusable_param_on_every_backend(backend, device, defect, message):
     """tests/test_errors.py checks density with backend="auto" and a single param; here every

@@ -163,10 +163,26 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
   }
 }
 
+// The codes and the scale of a block of `count` updated values.
+inline __attribute__((always_inline)) void encode_block(const float* __restrict__ values,
+                                                        int64_t count, uint8_t* __restrict__ codes,
+                                                        float* __restrict__ scale,
+                                                        const quantization::FloorTable& table) {
+  quantization::AbsMax absmax;
+  for (int64_t k = 0; k < count; ++k) absmax.add(values[k]);
+  const float new_scale = absmax.scale();
+  *scale = new_scale;
+  for (int64_t k = 0; k < count; ++k) {
+    codes[k] = table.quantize(quantization::normalize(values[k], new_scale));
+  }
+}
+
 // Whole 256-element blocks [first_block, last_block) of one tensor with 8-bit state: decode the
 // block's state with its old scales, update every element, then encode the new state with the new
-// scales (the maxima of the updated block), all in one pass over the block. Each loop over the
-// block is plain enough for GCC to vectorise (the code maps are read with gathers).
+// scales (the maxima of the updated block), all in one pass over the block. The decoding and
+// encoding loops read code tables (GCC's tuning keeps gathers out of them, and they are cheap as
+// scalar loads: one read to decode, two to find a code with FloorTable); the update between them
+// works on the block's decoded values in L1 and vectorises as update_range does.
 template <class K>
 RMSPROP_CPU_CLONES void update_quantized_blocks(
     typename K::P* __restrict__ param, typename K::P* __restrict__ grad,
@@ -180,60 +196,53 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
   constexpr int64_t kBlock = quantization::kQuantBlock;
   const float* const unsigned_map = quantization::code_map(false);
   const float* const signed_map = quantization::code_map(true);
-  float new_v[kBlock];
-  float new_m[kBlock];
-  float new_b[kBlock];
+  const quantization::FloorTable& unsigned_table = quantization::floor_table(false);
+  const quantization::FloorTable& signed_table = quantization::floor_table(true);
+  float v[kBlock];
+  float m[kBlock];
+  float b[kBlock];
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kBlock;
     const int64_t count = std::min(kBlock, numel - begin);
     const float v_scale = square_avg_scale[block];
-    const float m_scale = V::kCentered ? grad_avg_scale[block] : 0.0f;
-    const float b_scale = V::kMomentum ? momentum_buffer_scale[block] : 0.0f;
+    for (int64_t k = 0; k < count; ++k) {
+      v[k] = quantization::dequantize(square_avg[begin + k], v_scale, unsigned_map);
+    }
+    if constexpr (V::kCentered) {
+      const float m_scale = grad_avg_scale[block];
+      for (int64_t k = 0; k < count; ++k) {
+        m[k] = quantization::dequantize(grad_avg[begin + k], m_scale, signed_map);
+      }
+    }
+    if constexpr (V::kMomentum) {
+      const float b_scale = momentum_buffer_scale[block];
+      for (int64_t k = 0; k < count; ++k) {
+        b[k] = quantization::dequantize(momentum_buffer[begin + k], b_scale, signed_map);
+      }
+    }
+#pragma omp simd
     for (int64_t k = 0; k < count; ++k) {
       const int64_t i = begin + k;
       float p = PC::load(param[i]);
       float g = PC::load(grad[i]);
-      float v = quantization::dequantize(square_avg[i], v_scale, unsigned_map);
-      float m = V::kCentered ? quantization::dequantize(grad_avg[i], m_scale, signed_map) : 0.0f;
-      float b = V::kMomentum ? quantization::dequantize(momentum_buffer[i], b_scale, signed_map)
-                             : 0.0f;
-      if constexpr (K::kVarianceState) v = square_avg_from_variance(v, m);
-      rmsprop_update<V>(p, g, v, m, b, s);
-      if constexpr (K::kVarianceState) v = variance_from_square_avg(v, m);
+      float vk = v[k];
+      float mk = V::kCentered ? m[k] : 0.0f;
+      float bk = V::kMomentum ? b[k] : 0.0f;
+      if constexpr (K::kVarianceState) vk = square_avg_from_variance(vk, mk);
+      rmsprop_update<V>(p, g, vk, mk, bk, s);
+      if constexpr (K::kVarianceState) vk = variance_from_square_avg(vk, mk);
       param[i] = store<PC, K::kStochastic>(p, keys.param, i);
       if constexpr (V::kUnscaleGrad) grad[i] = PC::store(g);
-      new_v[k] = v;
-      new_m[k] = m;
-      new_b[k] = b;
+      v[k] = vk;
+      if (V::kCentered) m[k] = mk;
+      if (V::kMomentum) b[k] = bk;
     }
-    // The new scales, then the codes under them.
-    quantization::AbsMax v_max, m_max, b_max;
-    for (int64_t k = 0; k < count; ++k) {
-      v_max.add(new_v[k]);
-      if (V::kCentered) m_max.add(new_m[k]);
-      if (V::kMomentum) b_max.add(new_b[k]);
-    }
-    const float v_new_scale = v_max.scale();
-    square_avg_scale[block] = v_new_scale;
-    for (int64_t k = 0; k < count; ++k) {
-      square_avg[begin + k] =
-          quantization::quantize(quantization::normalize(new_v[k], v_new_scale), unsigned_map);
-    }
+    encode_block(v, count, square_avg + begin, square_avg_scale + block, unsigned_table);
     if constexpr (V::kCentered) {
-      const float m_new_scale = m_max.scale();
-      grad_avg_scale[block] = m_new_scale;
-      for (int64_t k = 0; k < count; ++k) {
-        grad_avg[begin + k] =
-            quantization::quantize(quantization::normalize(new_m[k], m_new_scale), signed_map);
-      }
+      encode_block(m, count, grad_avg + begin, grad_avg_scale + block, signed_table);
     }
     if constexpr (V::kMomentum) {
-      const float b_new_scale = b_max.scale();
-      momentum_buffer_scale[block] = b_new_scale;
-      for (int64_t k = 0; k < count; ++k) {
-        momentum_buffer[begin + k] =
-            quantization::quantize(quantization::normalize(new_b[k], b_new_scale), signed_map);
-      }
+      encode_block(b, count, momentum_buffer + begin, momentum_buffer_scale + block, signed_table);
     }
   }
 }
@@ -332,17 +341,19 @@ void dispatch_flag(bool flag, F&& f) {
   }
 }
 
-// Whether a (param, state) pair stores any 16-bit value (stochastic rounding has work), and
-// whether its state is low precision enough for variance_state.
+// Whether a (param, state) pair stores any 16-bit value (stochastic rounding has work).
 template <typename param_t, typename state_t>
 constexpr bool stores_16_bit() {
   return std::is_same_v<param_t, c10::Half> || std::is_same_v<param_t, c10::BFloat16> ||
          std::is_same_v<state_t, c10::BFloat16>;
 }
 
+// Variance state is asked for with state_dtype bfloat16 or "8bit"; the small tensors of an 8-bit
+// group keep it in float32.
 template <typename state_t>
-constexpr bool low_precision_state() {
-  return std::is_same_v<state_t, c10::BFloat16> || std::is_same_v<state_t, Blockwise8>;
+constexpr bool can_hold_variance_state() {
+  return std::is_same_v<state_t, c10::BFloat16> || std::is_same_v<state_t, Blockwise8> ||
+         std::is_same_v<state_t, float>;
 }
 
 // The step for one (param dtype, state dtype) pair: picks the instantiation for the options.
@@ -365,7 +376,7 @@ void run_pair(const StepArgs& args, const StepScalars<at::opmath_type<param_t>>&
             dispatch_flag(stochastic, [&](auto sr) {
               dispatch_flag(h.variance_state, [&](auto variance) {
                 if constexpr ((sr && !stores_16_bit<param_t, state_t>()) ||
-                              (variance && !(centered && low_precision_state<state_t>()))) {
+                              (variance && !(centered && can_hold_variance_state<state_t>()))) {
                   TORCH_INTERNAL_ASSERT(false, "rmsprop_fused: check_op_args let through an "
                                                "option this state cannot take");
                 } else {
