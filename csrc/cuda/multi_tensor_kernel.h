@@ -227,10 +227,10 @@ constexpr int64_t segment_bytes(int64_t pointers) {
 // the same launch count. sizeof(LaunchArgs) is a multiple of 8 (it holds pointers), hence the
 // budget rounded down to a multiple of 8.
 //
-// sizeof(LaunchScalars<double>) = 184 bytes. With 32,764 bytes: depth 3 -> 581 segments, depth 4
-// -> 509, depth 5 -> 452; with 8-bit state 509, 407, 339. With 4,096 bytes: 69, 61, 54; 8-bit
-// 61, 48, 40. GPT-2 small's 148 tensors (124M elements, 7,686 chunks) therefore take ONE launch
-// at every depth with the 32 KB budget, and THREE (FOUR with 8-bit state at depth 5) with 4 KB;
+// sizeof(LaunchScalars<double>) = 176 bytes. With 32,764 bytes: depth 3 -> 581 segments, depth 4
+// -> 509, depth 5 -> 452; with 8-bit state 509, 407, 339. With 4,096 bytes: 70, 61, 54; 8-bit
+// 61, 49, 40. GPT-2 small's 148 tensors (124M elements, 7,686 chunks) therefore take ONE launch
+// at every depth with the 32 KB budget, and THREE (FOUR with 8-bit state at depths 4 and 5) with 4 KB;
 // the chunk limit (2^31 - 1) never binds. tests/test_cuda_kernel_on_host.py asserts these counts.
 constexpr int64_t max_segments_per_launch(int64_t pointers, int64_t param_bytes) {
   return (param_bytes / 8 * 8 - static_cast<int64_t>(sizeof(LaunchScalars<double>))) /
