@@ -44,9 +44,12 @@ LARGE_PARAM_BYTES, SMALL_PARAM_BYTES = 32764, 4096
 LAUNCH_SCALARS_BYTES = 176  # sizeof(LaunchScalars<double>), static_asserted in multi_tensor_kernel.h
 # 128-bit global loads and stores, whatever cache or scope modifiers nvcc adds (LDG.E.128,
 # LDG.E.128.CONSTANT, LDG.E.EL.128, ...)
-LDG_128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
-STG_128 = re.compile(r"\bSTG(\.[A-Z0-9_]+)*\.128\b")
-LOCAL_MEMORY = re.compile(r"\b(LDL|STL)(\.[A-Z0-9_]+)*\b")
+# (Each pattern starts with its literal opcode, the word boundary before it checked after it by a
+# lookbehind, so that re scans for the literal: a leading \b or alternation makes it try every
+# position of the 300 MB of SASS, which took minutes.)
+LDG_128 = re.compile(r"LDG(?<=\bLDG)(?:\.[A-Z0-9_]+)*\.128\b")
+STG_128 = re.compile(r"STG(?<=\bSTG)(?:\.[A-Z0-9_]+)*\.128\b")
+LOCAL_MEMORY = (re.compile(r"LDL(?<=\bLDL)(?:\.[A-Z0-9_]+)*\b"), re.compile(r"STL(?<=\bSTL)(?:\.[A-Z0-9_]+)*\b"))
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 
 Kernel = namedtuple("Kernel", "arch name param state centered momentum unscale extended segments sass")
@@ -110,22 +113,23 @@ def state_name(param_code: str, state_code: str) -> str:
     return DTYPE_OF[state_code]
 
 
+ARCH_HEADER = re.compile(r"code for (sm_\w+)[^\n]*")
+FUNCTION_HEADER = re.compile(r"Function : (\S+)[^\n]*")
+
+
 def functions(text: str):
-    """(arch, mangled name, body) of every function in cuobjdump's output."""
-    arch, name, lines = None, None, []
-    for line in text.splitlines():
-        if m := re.match(r"\s*code for (sm_\w+)", line):
-            if name is not None:
-                yield arch, name, "\n".join(lines)
-            arch, name, lines = m.group(1), None, []
-        elif m := re.match(r"\s*Function : (\S+)", line):
-            if name is not None:
-                yield arch, name, "\n".join(lines)
-            name, lines = m.group(1), []
-        else:
-            lines.append(line)
-    if name is not None:
-        yield arch, name, "\n".join(lines)
+    """(arch, mangled name, body) of every function in cuobjdump's output: the text between its
+    "Function : <name>" line and the next header line. (Found by searching for the two literal
+    headers: matching every one of the SASS's millions of lines took half a minute.)"""
+    headers = sorted([(m.start(), m.end(), "arch", m.group(1)) for m in ARCH_HEADER.finditer(text)]
+                     + [(m.start(), m.end(), "function", m.group(1)) for m in FUNCTION_HEADER.finditer(text)])
+    arch = None
+    for k, (_, body_start, kind, value) in enumerate(headers):
+        if kind == "arch":
+            arch = value
+            continue
+        body_end = headers[k + 1][0] if k + 1 < len(headers) else len(text)
+        yield arch, value, text[body_start:body_end]
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +233,7 @@ def test_vector_loads_and_stores(kernels):
 
 def test_no_local_memory(kernels, registers):
     for k in kernels:
-        local = LOCAL_MEMORY.findall(k.sass)
+        local = [m for pattern in LOCAL_MEMORY for m in pattern.findall(k.sass)]
         assert not local, f"{describe(k)}: {len(local)} local-memory accesses"
         assert registers[(k.arch, k.name)][1:] == (0, 0), f"{describe(k)}: local memory or stack"
 
