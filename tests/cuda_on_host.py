@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from common import same_bits
+from common import OPTION_MATRIX, STATE_PAIRS, same_bits
 from rmsprop_fused import _extension
 
 # The two kernel-parameter budgets the CUDA op has a LaunchArgs variant for (the 32 KB one when
@@ -90,3 +90,24 @@ def assert_lists_match(actual: dict, expected: dict, any_nan=HARDWARE_NANS) -> N
             if not same_bits(a, e):
                 differ = int((a.double() != e.double()).sum())
                 raise AssertionError(f"{key}[{i}] differs ({differ} of {e.numel()} elements)")
+
+
+def option_cases():
+    """A quarter of OPTION_MATRIX for each pair, rotated from pair to pair: option j goes to pair i
+    when j % 4 == (i + j // 4) % 4. Each pair then gets 12 option sets that take every option both
+    ways and every (centered, momentum) kernel variant, and every option set runs with 2 or 3
+    pairs (asserted below). The full cross product (528 cases) took a minute and a half of CI on
+    two cores, for kernels whose variants these cases already reach: the options are run-time
+    values of one kernel per (pair, centered, momentum, AMP, extended); the CPU tests cover the
+    whole matrix against the reference. (tests/test_cuda.py runs the same cases on a GPU.)"""
+    cases = [(pair, options) for i, pair in enumerate(STATE_PAIRS)
+             for j, options in enumerate(OPTION_MATRIX) if j % 4 == (i + j // 4) % 4]
+    for pair in STATE_PAIRS:
+        mine = [options for p, options in cases if p == pair]
+        assert all(len({o[k] for o in mine}) == 2 for k in OPTION_MATRIX[0]), pair
+        assert len({(o["centered"], o["momentum"]) for o in mine}) == 4, pair
+    assert all(any(o is options for _, o in cases) for options in OPTION_MATRIX)
+    return cases
+
+
+OPTION_CASES = option_cases()

@@ -1,6 +1,7 @@
 """The CUDA kernel on a real GPU (docs/DESIGN.md section 3.7: a confirmation of what the host build
 established): bit for bit equal to the host build of the same kernel and to the CPU op for every
-(param, state) pair of STATE_PAIRS and every option of OPTION_MATRIX and EXTENDED_OPTIONS,
+(param, state) pair of STATE_PAIRS with every option of EXTENDED_OPTIONS and the option sets of
+OPTION_MATRIX that tests/test_cuda_kernel_on_host.py runs (cuda_on_host.OPTION_CASES),
 stochastic rounding, variance state and clipping; sizes around the vector widths, the chunk size
 and the 8-bit blocks; misaligned views; tensors split between launches; grad_scale and found_inf
 as device tensors (the step counters skipped too); a device lr; a tensor of more than 2^31
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 from common import (
-    EXTENDED_OPTIONS, OPTION_MATRIX, STATE_PAIRS, assert_close, assert_lists_equal, available, clone_lists,
+    EXTENDED_OPTIONS, STATE_PAIRS, assert_close, assert_lists_equal, available, clone_lists,
     fresh_seed, make_lists, option_id, pair_id, step,
 )
-from cuda_on_host import UNAVAILABLE_REASON as HOST_BUILD_UNAVAILABLE, REFERENCE_NANS, assert_lists_match, step_on_host
+from cuda_on_host import (
+    UNAVAILABLE_REASON as HOST_BUILD_UNAVAILABLE, OPTION_CASES, REFERENCE_NANS, assert_lists_match, step_on_host,
+)
 from rmsprop_fused import backends
 
 
@@ -75,8 +78,8 @@ def check_gpu_against_host(lists: dict, options: dict, *, offsets=(0,)) -> None:
 
 
 @needs_host_build
-@pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
-@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+@pytest.mark.parametrize("pair, options", OPTION_CASES,
+                         ids=[f"{pair_id(pair)}-{option_id(options)}" for pair, options in OPTION_CASES])
 def test_option_matrix_bitwise_equal_to_host_build(pair, options):
     """The same kernel source, run by the GPU and by the host loop (both without FMA contraction
     and with IEEE division and square root): the same bits, on the vector and the scalar path."""

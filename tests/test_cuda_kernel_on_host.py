@@ -1,8 +1,9 @@
 """The CUDA kernel's own code, built for the host and run block by block and thread by thread
 (docs/DESIGN.md section 3.4; 8-bit state a warp at a time), against the CPU op and the reference
-backend BIT FOR BIT: every (param, state) pair of STATE_PAIRS with every option combination of
-OPTION_MATRIX and EXTENDED_OPTIONS (step counters read and incremented), stochastic rounding where
-a 16-bit value is stored, variance state, clipping; sizes around the vector widths, the chunk size
+backend BIT FOR BIT: every (param, state) pair of STATE_PAIRS with every option of
+EXTENDED_OPTIONS (step counters read and incremented) and a rotated quarter of OPTION_MATRIX
+(cuda_on_host.OPTION_CASES), stochastic rounding where a 16-bit value is stored, variance state,
+clipping; sizes around the vector widths, the chunk size
 and the 256-element 8-bit blocks (partial last blocks), misaligned views, tensors split between
 launches, found_inf (the counters too), grad_scale, a tensor lr, both kernel-parameter budgets
 and their launch counts, every element written and nothing outside written, refused calls."""
@@ -17,8 +18,8 @@ from common import (
     fresh_seed, make_lists, option_id, pair_id, same_bits, step,
 )
 from cuda_on_host import (
-    LARGE_PARAM_BYTES, REFERENCE_NANS, SMALL_PARAM_BYTES, UNAVAILABLE_REASON, assert_lists_match, launch_count,
-    step_on_host,
+    LARGE_PARAM_BYTES, OPTION_CASES, REFERENCE_NANS, SMALL_PARAM_BYTES, UNAVAILABLE_REASON, assert_lists_match,
+    launch_count, step_on_host,
 )
 
 pytestmark = pytest.mark.skipif(UNAVAILABLE_REASON is not None, reason=str(UNAVAILABLE_REASON))
@@ -64,27 +65,6 @@ def check_bitwise(lists, options, *, cpu=True, **limits) -> int:
 
 
 # ------------------------------------------------------------------------------- the option matrix
-
-
-def option_cases():
-    """A quarter of OPTION_MATRIX for each pair, rotated from pair to pair: option j goes to pair i
-    when j % 4 == (i + j // 4) % 4. Each pair then gets 12 option sets that take every option both
-    ways and every (centered, momentum) kernel variant, and every option set runs with 2 or 3
-    pairs (asserted below). The full cross product (528 cases) took a minute and a half of CI on
-    two cores, for kernels whose variants these cases already reach: the options are run-time
-    values of one kernel per (pair, centered, momentum, AMP, extended); the CPU tests cover the
-    whole matrix against the reference."""
-    cases = [(pair, options) for i, pair in enumerate(STATE_PAIRS)
-             for j, options in enumerate(OPTION_MATRIX) if j % 4 == (i + j // 4) % 4]
-    for pair in STATE_PAIRS:
-        mine = [options for p, options in cases if p == pair]
-        assert all(len({o[k] for o in mine}) == 2 for k in OPTION_MATRIX[0]), pair
-        assert len({(o["centered"], o["momentum"]) for o in mine}) == 4, pair
-    assert all(any(o is options for _, o in cases) for options in OPTION_MATRIX)
-    return cases
-
-
-OPTION_CASES = option_cases()
 
 
 @pytest.mark.parametrize("pair, options", OPTION_CASES,
