@@ -82,8 +82,7 @@ def extensions_and_cmdclass():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     if with_cuda and not arch_list:
-        major, minor = torch.cuda.get_device_capability()
-        arch_list = f"{major}.{minor}"  # what torch picks for the visible GPU
+        arch_list = visible_gpu_arch_list(torch)
 
     # The C++ standard is left to torch.utils.cpp_extension, which picks the one its headers need.
     # -fno-math-errno lets GCC vectorise sqrt and -fno-trapping-math lets it turn the options'
@@ -121,13 +120,17 @@ def extensions_and_cmdclass():
     extensions = [main]
     host_sources = sorted(glob.glob("csrc/cuda_on_host/*.cpp"))
     if host_sources:
+        # The host build instantiates every CUDA kernel for the tests, so it is compiled for
+        # compile time: -O1 (its loops need no vectorising) and no debug info (-g comes from
+        # Python's CFLAGS), which halve it; -ffp-contract=off keeps one rounding per operation,
+        # the bits the GPU computes, at any -O level.
+        host_flags = ["-O1", "-g0", "-fno-math-errno", "-ffp-contract=off"]
         extensions.append(
             CppExtension(
                 "rmsprop_fused._cuda_on_host",
                 host_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx_flags},
-                extra_link_args=link_flags,
+                extra_compile_args={"cxx": host_flags},
             )
         )
 
@@ -170,6 +173,20 @@ def extensions_and_cmdclass():
             "and MAX_JOBS is ignored (`pip install ninja` makes the build parallel)"
         )
     return extensions, {"build_ext": BuildWithInfo.with_options(use_ninja=use_ninja)}
+
+
+def visible_gpu_arch_list(torch) -> str:
+    """The architectures torch.utils.cpp_extension compiles for when TORCH_CUDA_ARCH_LIST is unset
+    and a GPU is visible (_get_cuda_arch_flags): the capabilities of the visible GPUs, lowest
+    first, the highest also as PTX. Recorded with its +PTX, so that _extension accepts a newer GPU
+    that the PTX runs on."""
+    # torch clamps each capability to the highest sm_ its own build has (what its nvcc can target)
+    built = [arch.split("_")[1] for arch in torch.cuda.get_arch_list() if arch.startswith("sm_")]
+    highest = max((int(sm[:-1]), int(sm[-1])) for sm in (a.rstrip("a") for a in built))
+    capabilities = sorted({min(highest, torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+    entries = [f"{major}.{minor}" for major, minor in capabilities]
+    entries[-1] += "+PTX"
+    return ";".join(entries)
 
 
 def nvcc_version(nvcc):

@@ -1,7 +1,11 @@
 """The CUDA kernel on a real GPU (docs/DESIGN.md section 3.7: a confirmation of what the host build
-established): against the reference for every option and dtype, sizes around the vector widths,
-misaligned views, grad_scale and found_inf as device tensors, a device lr, a tensor of more than
-2^31 elements, bitwise equality with the host build of the same kernel, CUDA-graph capture and
+established): bit for bit equal to the host build of the same kernel and to the CPU op for every
+(param, state) pair of STATE_PAIRS with every option of EXTENDED_OPTIONS and the option sets of
+OPTION_MATRIX that tests/test_cuda_kernel_on_host.py runs (cuda_on_host.OPTION_CASES),
+stochastic rounding, variance state and clipping; sizes around the vector widths, the chunk size
+and the 8-bit blocks; misaligned views; tensors split between launches; grad_scale and found_inf
+as device tensors (the step counters skipped too); a device lr; a tensor of more than 2^31
+elements; CUDA-graph capture with bias correction, a tensor lr and clip_coef; and
 torch.library.opcheck. Every test is skipped, with the reason, where no GPU or no CUDA kernel is
 available."""
 
@@ -9,10 +13,12 @@ import pytest
 import torch
 
 from common import (
-    OPTION_MATRIX, assert_close, assert_lists_close, assert_lists_equal, available, clone_lists, fresh_seed,
-    make_lists, option_id, step,
+    EXTENDED_OPTIONS, STATE_PAIRS, assert_close, assert_lists_equal, available, clone_lists,
+    fresh_seed, make_lists, option_id, pair_id, step,
 )
-from cuda_on_host import UNAVAILABLE_REASON as HOST_BUILD_UNAVAILABLE, step_on_host
+from cuda_on_host import (
+    UNAVAILABLE_REASON as HOST_BUILD_UNAVAILABLE, OPTION_CASES, REFERENCE_NANS, assert_lists_match, step_on_host,
+)
 from rmsprop_fused import backends
 
 
@@ -23,124 +29,166 @@ def _skip_reason():
 
 
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+needs_host_build = pytest.mark.skipif(HOST_BUILD_UNAVAILABLE is not None, reason=str(HOST_BUILD_UNAVAILABLE))
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-SIZES = [0, 1, 3, 4, 4097, 65537]
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+SIZES = [0, 1, 3, 4, 255, 256, 257, 4097, 65537]
 ODD_SIZES = [5, 7, 9, 15, 17, 33]  # not a multiple of any vector width (2, 4 or 8 lanes)
 STATE_KEYS = ("params", "square_avgs", "grad_avgs", "momentum_buffers")
 
 
+def stores_16_bit(pair) -> bool:
+    return pair[0] in SIXTEEN_BIT or pair[1] in SIXTEEN_BIT
+
+
 def to_device(lists: dict, device="cuda", offset: int = 0) -> dict:
     """Copies of CPU lists on `device`; with offset=1, as views one element into their storage
-    (off every 16-byte boundary), so that the kernel takes its scalar path."""
-    def move(t):
-        storage = torch.empty(t.numel() + offset, dtype=t.dtype, device=device)
-        view = storage[offset:].view(t.shape)
-        return view.copy_(t)
+    (off every 16-byte boundary), so that the kernel takes its scalar path (not for 8-bit codes
+    and scales, which are laid out as their params, nor for the step counters)."""
+    def move(key, t):
+        shift = 0 if key == "state_steps" or key.endswith("_scales") or t.dtype == torch.uint8 else offset
+        storage = torch.empty(t.numel() + shift, dtype=t.dtype, device=device)
+        return storage[shift:].view(t.shape).copy_(t)
 
-    return {k: [move(t) for t in v] for k, v in lists.items()}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
-def test_every_option_and_dtype_matches_reference(options, dtype):
-    sizes = [0, 1, 3, 4, 5, 17, 4097]
-    lists = make_lists(sizes, dtype, "cuda", centered=options["centered"], momentum=options["momentum"], seed=fresh_seed())
-    expected, actual = clone_lists(lists), clone_lists(lists)
-    step(expected, "reference", **options)
-    step(actual, "cuda", **options)
-    assert_lists_close(actual, expected)
+    return {k: [move(k, t) for t in v] for k, v in lists.items()}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
-def test_sizes_and_misaligned_views(dtype, offset):
-    options = dict(centered=True, momentum=0.9, weight_decay=0.1)
-    lists = to_device(make_lists(SIZES + ODD_SIZES, dtype, centered=True, momentum=0.9, seed=fresh_seed()), offset=offset)
-    if offset:
-        assert all(t.data_ptr() % 16 != 0 for v in lists.values() for t in v if t.numel() > 0)
-    expected = clone_lists(lists)  # clones are contiguous: the step runs on the views themselves
-    step(expected, "reference", **options)
-    step(lists, "cuda", **options)
-    assert_lists_close(lists, expected)
+def to_cuda(options: dict) -> dict:
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
 
 
-@pytest.mark.skipif(HOST_BUILD_UNAVAILABLE is not None, reason=str(HOST_BUILD_UNAVAILABLE))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
-def test_bitwise_equal_to_host_build(options, dtype):
-    """The same kernel source, run by the GPU and by the host loop (both without FMA contraction
-    and with IEEE division and square root): the same bits, on the vector and the scalar path."""
-    sizes = SIZES + ODD_SIZES
-    lists = make_lists(sizes, dtype, centered=options["centered"], momentum=options["momentum"], seed=fresh_seed())
+def pair_lists(pair, sizes, options, seed, **kw):
+    return make_lists(sizes, pair[0], centered=options.get("centered", False), momentum=options.get("momentum", 0.0),
+                      seed=seed, state_dtype=pair[1], **kw)
+
+
+def check_gpu_against_host(lists: dict, options: dict, *, offsets=(0,)) -> None:
+    """The GPU's step from CPU inputs `lists` (copied, at each offset) equals the host build's
+    and the CPU op's, bit for bit."""
     on_host = clone_lists(lists)
     step_on_host(on_host, **options)
-    for offset in (0, 1):
+    if available("cpu"):
+        on_cpu = clone_lists(lists)
+        step(on_cpu, "cpu", **options)
+        assert_lists_match(on_host, on_cpu, any_nan=())
+    for offset in offsets:
         on_gpu = to_device(lists, offset=offset)
-        step(on_gpu, "cuda", **options)
-        assert_lists_equal(on_gpu, on_host)
+        step(on_gpu, "cuda", **to_cuda(options))
+        assert_lists_match(on_gpu, on_host)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grad_scale_and_found_inf_on_device(dtype):
-    lists = make_lists([3, 4097], dtype, "cuda", momentum=0.9, seed=fresh_seed())
+@needs_host_build
+@pytest.mark.parametrize("pair, options", OPTION_CASES,
+                         ids=[f"{pair_id(pair)}-{option_id(options)}" for pair, options in OPTION_CASES])
+def test_option_matrix_bitwise_equal_to_host_build(pair, options):
+    """The same kernel source, run by the GPU and by the host loop (both without FMA contraction
+    and with IEEE division and square root): the same bits, on the vector and the scalar path."""
+    lists = pair_lists(pair, SIZES + ODD_SIZES, options, fresh_seed())
+    check_gpu_against_host(lists, options, offsets=(0,) if pair[1] == torch.uint8 else (0, 1))
+
+
+@needs_host_build
+@pytest.mark.parametrize("options", EXTENDED_OPTIONS, ids=option_id)
+@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+def test_extended_options_bitwise_equal_to_host_build(pair, options):
+    """Bias correction from each counter, read and incremented on the device."""
+    lists = pair_lists(pair, SIZES, options, fresh_seed(), steps=True)
+    check_gpu_against_host(lists, options)
+
+
+@needs_host_build
+@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+def test_rare_options_bitwise_equal_to_host_build(pair):
+    """Stochastic rounding (where a 16-bit value is stored), variance state (centered bfloat16 or
+    8-bit state), clipping, AMP."""
+    seed = fresh_seed()
+    variance = pair[1] in (torch.bfloat16, torch.uint8)
+    options = dict(centered=True, momentum=0.9, bias_correction=True, variance_state=variance,
+                   rounding_seed=seed if stores_16_bit(pair) else None, clip_coef=torch.tensor(0.5),
+                   grad_scale=torch.tensor(4.0))
+    lists = pair_lists(pair, SIZES + [16383, 16384, 16385], options, seed, steps=True, variance_state=variance)
+    check_gpu_against_host(lists, options)
+
+
+@needs_host_build
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8), (torch.float16, torch.bfloat16)],
+                         ids=pair_id)
+def test_many_tensors_split_between_launches(pair):
+    """More tensors than one launch holds (452 at depth 5 with 32 KB, 339 with 8-bit state; or
+    54 and 40 with an old driver's 4 KB), with stochastic rounding and bias correction: each
+    segment's tensor index, first element and counter."""
+    seed = fresh_seed()
+    options = dict(centered=True, momentum=0.9, bias_correction=True, rounding_seed=seed if stores_16_bit(pair) else None)
+    lists = pair_lists(pair, [1, 2, 300, 4, 5] * 140, options, seed, steps=True)
+    check_gpu_against_host(lists, options)
+
+
+@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+def test_grad_scale_and_found_inf_on_device(pair):
+    seed = fresh_seed()
+    options = dict(momentum=0.9, bias_correction=True, rounding_seed=seed if stores_16_bit(pair) else None)
+    lists = to_device(pair_lists(pair, [3, 4097], options, seed, steps=True))
     grad_scale = torch.tensor(1024.0, device="cuda")
     expected, actual = clone_lists(lists), clone_lists(lists)
-    step(expected, "reference", momentum=0.9, grad_scale=grad_scale)
-    step(actual, "cuda", momentum=0.9, grad_scale=grad_scale, found_inf=torch.tensor(0.0, device="cuda"))
-    assert_lists_close(actual, expected)
+    step(expected, "reference", grad_scale=grad_scale, **options)
+    step(actual, "cuda", grad_scale=grad_scale, found_inf=torch.tensor(0.0, device="cuda"), **options)
+    assert_lists_match(actual, expected, REFERENCE_NANS)
     for g, original in zip(actual["grads"], lists["grads"]):
-        assert_close(g, (original.double() / 1024).to(dtype), name="unscaled grad")
+        assert_close(g, (original.double() / 1024).to(g.dtype), name="unscaled grad")
 
     flags = [torch.tensor(v, device="cuda") for v in (1.0, 2.0, float("nan"), float("inf"))]
     flags.append(torch.tensor(1e-300, dtype=torch.float64, device="cuda"))  # too small for float32
     for flag in flags:  # any nonzero found_inf skips (GradScaler sums the flags of several devices)
         skipped = clone_lists(lists)
-        step(skipped, "cuda", momentum=0.9, grad_scale=grad_scale, found_inf=flag)
-        assert_lists_equal(skipped, lists)
+        step(skipped, "cuda", grad_scale=grad_scale, found_inf=flag, **options)
+        assert_lists_equal(skipped, lists)  # the step counters too
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
-def test_tensor_lr_on_device_equals_float_lr(dtype, lr_dtype):
+@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+def test_tensor_lr_on_device_equals_float_lr(pair, lr_dtype):
     lr = torch.tensor(0.03, dtype=lr_dtype, device="cuda")
-    lists = make_lists([5, 4097], dtype, "cuda", momentum=0.9, seed=fresh_seed())
+    options = dict(momentum=0.9, weight_decay=0.1, decoupled_weight_decay=True)
+    lists = to_device(pair_lists(pair, [5, 4097], options, fresh_seed()))
     with_float, with_tensor = clone_lists(lists), clone_lists(lists)
-    step(with_float, "cuda", lr=lr.item(), momentum=0.9)
-    step(with_tensor, "cuda", lr=lr, momentum=0.9)
+    step(with_float, "cuda", lr=lr.item(), **options)
+    step(with_tensor, "cuda", lr=lr, **options)
     assert_lists_equal(with_tensor, with_float)
 
 
-def test_cuda_graph_capture_replays_with_new_lr():
-    """Captured once with a device lr, replayed after the lr tensor changes: nothing in the op
-    reads a value on the host, so the replay uses the new lr."""
-    lists = make_lists([3, 4097, 65537], torch.float32, "cuda", centered=True, momentum=0.9, seed=fresh_seed())
-    options = dict(centered=True, momentum=0.9, grad_scale=torch.tensor(2.0, device="cuda"),
-                   found_inf=torch.tensor(0.0, device="cuda"))
-    lr = torch.tensor(0.01, device="cuda")
+@pytest.mark.parametrize("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.uint8), (torch.float16, torch.bfloat16)],
+                         ids=pair_id)
+def test_cuda_graph_capture_replays_with_new_lr_clip_and_counts(pair):
+    """Captured once with bias correction, a device lr and a clip coefficient, replayed after
+    both tensors change: nothing in the op reads a value on the host, and the step counters are
+    read and incremented on the device, so each replay is the step an eager call would take."""
+    seed = fresh_seed()
+    options = dict(centered=True, momentum=0.9, bias_correction=True, grad_scale=torch.tensor(2.0, device="cuda"),
+                   found_inf=torch.tensor(0.0, device="cuda"), rounding_seed=seed if stores_16_bit(pair) else None)
+    lists = to_device(pair_lists(pair, [3, 4097, 65537], options, seed, steps=True))
+    lr, clip = torch.tensor(0.01, device="cuda"), torch.tensor(1.0, device="cuda")
     static = clone_lists(lists)
 
     side = torch.cuda.Stream()  # warm-up off the capture, as torch.cuda.graphs recommends
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step(clone_lists(lists), "cuda", lr=lr, **options)
+        step(clone_lists(lists), "cuda", lr=lr, clip_coef=clip, **options)
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(static, "cuda", lr=lr, **options)
-    assert_lists_equal(static, lists)  # capture records the kernel, it does not run it
+        step(static, "cuda", lr=lr, clip_coef=clip, **options)
+    assert_lists_equal(static, lists)  # capture records the kernels, it does not run them
 
-    for value in (0.01, 0.05):
-        for key in lists:
-            for t, original in zip(static[key], lists[key]):
-                t.copy_(original)
+    expected = clone_lists(lists)
+    for value, coef in ((0.01, 1.0), (0.05, 0.3), (0.02, 0.7)):  # replays continue from each other
         lr.fill_(value)
+        clip.fill_(coef)
         graph.replay()
-        expected = clone_lists(lists)
-        step(expected, "cuda", lr=value, **options)
+        step(expected, "cuda", lr=value, clip_coef=torch.tensor(coef, device="cuda"), **options)
         torch.cuda.synchronize()
         assert_lists_equal(static, expected)
+    assert [float(s) for s in static["state_steps"]] == [float(s) + 3 for s in lists["state_steps"]]
 
 
 @pytest.mark.slow
@@ -162,31 +210,34 @@ def test_tensor_of_more_than_2_to_31_elements():
     for w, expected in zip(windows, before):
         original = clone_lists(expected)
         step(expected, "reference")
-        assert_close(p[w], expected["params"][0], name=f"params[{w}]")
-        assert_close(v[w], expected["square_avgs"][0], name=f"square_avgs[{w}]")
+        assert_lists_match(dict(params=[p[w]], square_avgs=[v[w]]),
+                           dict(params=expected["params"], square_avgs=expected["square_avgs"]), REFERENCE_NANS)
         assert not torch.equal(p[w], original["params"][0])
 
 
 def test_opcheck():
-    lists = make_lists([3, 17], torch.float32, "cuda", centered=True, momentum=0.9, seed=fresh_seed())
-    args = (lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"])
-    kwargs = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True,
-                  maximize=False, eps_in_sqrt=False, lr_in_momentum=False)
+    lists = make_lists([3, 17], torch.float32, "cuda", centered=True, momentum=0.9, seed=fresh_seed(), steps=True)
+    args = tuple(lists[k] for k in ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers", "state_steps",
+                                    "square_avg_scales", "grad_avg_scales", "momentum_buffer_scales"))
+    kwargs = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.1, momentum=0.9, centered=True, maximize=False,
+                  eps_in_sqrt=False, lr_in_momentum=False, decoupled_weight_decay=False, nesterov=False,
+                  bias_correction=True, variance_state=False)
     torch.library.opcheck(torch.ops.rmsprop_fused.rmsprop_.default, args, kwargs)
     device_scalars = dict(lr_tensor=torch.tensor(0.02, device="cuda"), grad_scale=torch.tensor(8.0, device="cuda"),
-                          found_inf=torch.tensor(0.0, device="cuda"))
+                          found_inf=torch.tensor(0.0, device="cuda"), clip_coef=torch.tensor(0.5, device="cuda"))
     torch.library.opcheck(torch.ops.rmsprop_fused.rmsprop_.default, args, dict(kwargs, **device_scalars))
 
 
 def test_refused_call_changes_nothing():
-    lists = make_lists([3, 4097], torch.float32, "cuda", momentum=0.9, seed=fresh_seed())
+    lists = make_lists([3, 4097], torch.float32, "cuda", momentum=0.9, seed=fresh_seed(), steps=True)
     actual = clone_lists(lists)
     actual["grads"][1] = actual["grads"][1].double()
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(ValueError, match="dtype"):  # the op's checks raise ValueError (rmsprop_op.h)
         torch.ops.rmsprop_fused.rmsprop_(
             actual["params"], actual["grads"], actual["square_avgs"], [], actual["momentum_buffers"],
-            lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=False,
-            maximize=False, eps_in_sqrt=False, lr_in_momentum=False)
-    for key in STATE_KEYS:
+            actual["state_steps"], [], [], [], lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9,
+            centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False, decoupled_weight_decay=False,
+            nesterov=False, bias_correction=False, variance_state=False)
+    for key in STATE_KEYS + ("state_steps",):
         for after, before in zip(actual[key], lists[key]):
             assert torch.equal(after, before)

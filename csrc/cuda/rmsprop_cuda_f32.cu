@@ -1,0 +1,13 @@
+// The CUDA update kernels for float32 params: float32, bfloat16 or 8-bit state (cuda_launch.cuh).
+#include "cuda_launch.cuh"
+
+namespace rmsprop_fused {
+namespace multi_tensor {
+
+template <>
+void launch_param_dtype<float>(const Call& call, cudaStream_t stream) {
+  launch_updates<float>(call, UpdateLauncher{stream});
+}
+
+}  // namespace multi_tensor
+}  // namespace rmsprop_fused
