@@ -481,8 +481,8 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE typename Codec::storage_t store_value(
   return Codec::store(x);
 }
 
-// One element in opmath: rmsprop_update, with the square_avg rebuilt from the stored variance
-// first and the variance taken again after, under variance_state.
+// One element in opmath: rmsprop_update, in its variance form under variance_state (square_avg
+// holds the variance; a uniform branch).
 template <class K>
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void update_values(typename K::opmath_t& p,
                                                             typename K::opmath_t& g,
@@ -490,14 +490,13 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void update_values(typename K::opmath_t
                                                             typename K::opmath_t& m,
                                                             typename K::opmath_t& b,
                                                             const BlockScalars<typename K::opmath_t>& bs) {
-  using T = typename K::opmath_t;
   if constexpr (K::kVarianceState) {
-    v = apply_if(bs.variance_state, v, [&](T w) { return square_avg_from_variance(w, m); });
+    if (bs.variance_state) {
+      rmsprop_update<typename K::Variant, true>(p, g, v, m, b, bs.s);
+      return;
+    }
   }
   rmsprop_update<typename K::Variant>(p, g, v, m, b, bs.s);
-  if constexpr (K::kVarianceState) {
-    v = apply_if(bs.variance_state, v, [&](T x) { return variance_from_square_avg(x, m); });
-  }
 }
 
 // The pointers of a chunk (or of an 8-bit block), typed.
