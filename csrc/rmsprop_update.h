@@ -32,7 +32,6 @@ struct StepScalars {
   opmath_t lr;
   opmath_t alpha;
   opmath_t one_minus_alpha;   // rounded once from double, as torch passes `1 - alpha`
-  opmath_t alpha_one_minus_alpha;  // alpha * (1 - alpha), rounded once from double (variance form)
   opmath_t lerp_one_minus_w;  // opmath(1) - one_minus_alpha, torch's lerp for large weights
   opmath_t eps_inside_root;   // eps when eps_in_sqrt, else 0 (x + 0 == x exactly)
   opmath_t eps_outside_root;  // 0 when eps_in_sqrt, else eps
@@ -77,7 +76,6 @@ inline StepScalars<opmath_t> make_step_scalars(double lr, double alpha, double e
   StepScalars<opmath_t> s{};
   s.alpha = static_cast<opmath_t>(alpha);
   s.one_minus_alpha = static_cast<opmath_t>(1.0 - alpha);
-  s.alpha_one_minus_alpha = static_cast<opmath_t>(alpha * (1.0 - alpha));
   s.lerp_one_minus_w = opmath_t(1) - s.one_minus_alpha;
   s.lerp_weight_small = std::abs(s.one_minus_alpha) < opmath_t(0.5);
   s.eps_inside_root = eps_in_sqrt ? static_cast<opmath_t>(eps) : opmath_t(0);
@@ -248,10 +246,11 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
   }
 
   if constexpr (kVarianceState) {
-    // w = alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves
+    // w = alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves; alpha * (1 - alpha) is
+    // the product of the two rounded scalars, rounded (hoisted out of every loop)
     const T deviation = g - grad_avg;
     square_avg = square_avg * s.alpha;
-    square_avg = square_avg + s.alpha_one_minus_alpha * (deviation * deviation);
+    square_avg = square_avg + (s.alpha * s.one_minus_alpha) * (deviation * deviation);
   } else {
     // square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
     square_avg = square_avg * s.alpha;

@@ -57,6 +57,8 @@ def rmsprop_reference(
     lerp_weight = round_to_dtype(1 - alpha, opmath)
     lerp_weight_small = abs(lerp_weight) < 0.5
     lerp_one_minus_weight = round_to_dtype(1 - lerp_weight, opmath)
+    # the variance form's alpha * (1 - alpha): the product of the two rounded scalars, rounded
+    alpha_times_one_minus_alpha = round_to_dtype(round_to_dtype(alpha, opmath) * lerp_weight, opmath)
     # p * (1 - lr * wd), the factor computed in opmath from the opmath lr (set_learning_rate)
     lr_opmath = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=opmath, device=device)
     decay_factor = 1 - lr_opmath * torch.tensor(weight_decay, dtype=opmath, device=device)
@@ -84,7 +86,7 @@ def rmsprop_reference(
         if variance_state:  # v holds the variance w (rmsprop_update.h, the variance form)
             deviation = g - m
             v = v * alpha
-            v = v + (alpha * (1 - alpha)) * (deviation * deviation)
+            v = v + alpha_times_one_minus_alpha * (deviation * deviation)
         else:
             v = v * alpha
             v = v + (1 - alpha) * g * g

@@ -157,7 +157,6 @@ class StepScalars(NamedTuple):
     lr: object
     alpha: object
     one_minus_alpha: object
-    alpha_one_minus_alpha: object
     lerp_one_minus_w: object
     eps_inside_root: object
     eps_outside_root: object
@@ -191,7 +190,7 @@ class RoundingKeys(NamedTuple):
 # would become a constant, one divisible by 16 another variant) nor on its alignment.
 _RUNTIME_ARGUMENTS = (
     "table", "blocks", "done", "unsigned_map", "signed_map", "lr", "lr_tensor", "grad_scale", "found_inf",
-    "clip_coef", "alpha", "one_minus_alpha", "alpha_one_minus_alpha", "lerp_one_minus_w", "eps_inside_root", "eps_outside_root",
+    "clip_coef", "alpha", "one_minus_alpha", "lerp_one_minus_w", "eps_inside_root", "eps_outside_root",
     "weight_decay", "momentum", "alpha_low", "alpha_high", "seed_low", "seed_high", "maximize",
     "coupled_weight_decay", "decoupled_weight_decay", "lerp_weight_small", "lr_in_momentum", "nesterov",
     "bias_correction", "clip", "variance_state", "counts_steps", "has_found_inf", "lr_from_tensor",
@@ -446,7 +445,7 @@ if triton is not None:
         square_avg = square_avg * s.alpha
         if variance_form:
             deviation = g - grad_avg
-            square_avg = square_avg + s.alpha_one_minus_alpha * (deviation * deviation)
+            square_avg = square_avg + (s.alpha * s.one_minus_alpha) * (deviation * deviation)
         else:
             square_avg = square_avg + s.one_minus_alpha * g * g
 
@@ -545,7 +544,6 @@ if triton is not None:
         clip_coef,  # float32 [1], read when `clip`: grads are multiplied by it
         alpha,  # this and the rest of the floats: float32, from make_step_scalars (_step_scalars)
         one_minus_alpha,
-        alpha_one_minus_alpha,
         lerp_one_minus_w,
         eps_inside_root,
         eps_outside_root,
@@ -623,7 +621,7 @@ if triton is not None:
             )
         s = StepScalars(
             lr, tl.cast(alpha, tl.float32), tl.cast(one_minus_alpha, tl.float32),
-            tl.cast(alpha_one_minus_alpha, tl.float32), tl.cast(lerp_one_minus_w, tl.float32), tl.cast(eps_inside_root, tl.float32),
+            tl.cast(lerp_one_minus_w, tl.float32), tl.cast(eps_inside_root, tl.float32),
             tl.cast(eps_outside_root, tl.float32), weight_decay, tl.cast(momentum, tl.float32),
             grad_scale_value, clip_value, decay_factor, correction, maximize, coupled_weight_decay,
             decoupled_weight_decay, lerp_weight_small, lr_in_momentum, nesterov, bias_correction, clip,
@@ -709,7 +707,6 @@ def _step_scalars(alpha: float, eps: float, weight_decay: float, momentum: float
     return dict(
         alpha=_float32(alpha),
         one_minus_alpha=one_minus_alpha,
-        alpha_one_minus_alpha=_float32(alpha * (1.0 - alpha)),  # the variance form's, from double
         # float32(1) - one_minus_alpha, a float32 subtraction: computing it in double and rounding
         # once gives the same float32 (double has more than 2 * 24 + 2 bits, so no double rounding).
         lerp_one_minus_w=_float32(1.0 - one_minus_alpha),

@@ -624,3 +624,18 @@ def test_cpu_kernel_clone_follows_the_flags():
     assert bench.x86_64_level(v4) == "x86-64-v4"
     assert bench.x86_64_level(v4[:8]) == "x86-64-v3"
     assert bench.x86_64_level(["sse2"]) == "default"
+
+
+def test_step_overhead_prints_every_setting_per_param(monkeypatch, capsys):
+    import step_overhead
+
+    monkeypatch.setattr(sys, "argv", ["step_overhead.py", "--params", "3", "--rounds", "2", "--steps", "1"])
+    step_overhead.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 one-element params")
+    rows = lines[1:]
+    assert len(rows) == len(step_overhead.SETTINGS)
+    for row, name in zip(rows, step_overhead.SETTINGS):
+        assert name in row
+        per_param = float(row.split("us a step")[1].split("us a param")[0])
+        assert 0 < per_param < 1e5 and row.rstrip().endswith("x slower")

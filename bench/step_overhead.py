@@ -1,0 +1,86 @@
+"""The Python side of a step: FusedRMSprop over many one-element params, where the kernel's own
+work is negligible and what is left is the per-param cost of a step (issue 14 item 4's case:
+GPT-2 small's 148 tensors). Every setting is timed in interleaved rounds with torch.optim.RMSprop
+(foreach=False, its CPU default) on the same params; prints microseconds a step and a param, and
+the ratio to torch measured in the same rounds.
+
+    python bench/step_overhead.py [--params 148] [--rounds 15] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from rmsprop_fused import FusedRMSprop
+
+SETTINGS = {
+    "plain": {},
+    "backend='cpu'": dict(backend="cpu"),
+    "centered + momentum": dict(centered=True, momentum=0.9),
+    "max_grad_norm=1": dict(max_grad_norm=1.0),
+    "centered + momentum + max_grad_norm": dict(centered=True, momentum=0.9, max_grad_norm=1.0),
+    "bf16 state": dict(state_dtype=torch.bfloat16),
+    "backend='reference'": dict(backend="reference"),
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make(n: int, factory, **options):
+    params = [nn.Parameter(torch.randn(1)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(1)
+    return factory(params, **options)
+
+
+def time_steps(optimizer, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=int, default=148, help="one-element params (default: 148, GPT-2 small's count)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of --steps steps each")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: nothing here is parallel)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"{args.params} one-element params; {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for name, options in SETTINGS.items():
+        fused = make(args.params, FusedRMSprop, **options)
+        torch_options = {k: v for k, v in options.items() if k in ("centered", "momentum")}
+        reference = make(args.params, torch.optim.RMSprop, foreach=False, **torch_options)
+        for optimizer in (fused, reference):
+            time_steps(optimizer, args.steps)  # warm-up: state, caches
+        fused_times, torch_times = [], []
+        for _ in range(args.rounds):
+            fused_times.append(time_steps(fused, args.steps))
+            torch_times.append(time_steps(reference, args.steps))
+        us = statistics.median(fused_times) * 1e6
+        ratio = statistics.median(t / f for f, t in zip(fused_times, torch_times))
+        print(f"  {name:38s} {us:8.0f} us a step  {us / args.params:6.2f} us a param  "
+              f"torch.optim.RMSprop (for-loop{', no clipping' if 'max_grad_norm' in options else ''}) {ratio:5.2f}x slower")
+
+
+if __name__ == "__main__":
+    main()
