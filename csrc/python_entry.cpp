@@ -78,8 +78,8 @@ PYBIND11_MODULE(_C, m) {
         "(positional: the nine lists, then every scalar of the schema in its order)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("total_norm", &rmsprop_fused::cpu::total_norm,
-        "The norm of order norm_type of all elements of CPU tensors of one dtype (a 0-d float32 "
-        "tensor, float64 for float64): clipping's norm without one op call per tensor",
+        "The norm of order norm_type of all elements of floating CPU tensors (a 0-d float32 "
+        "tensor, float64 if any is float64): clipping's norm without one op call per tensor",
         pybind11::arg("tensors"), pybind11::arg("norm_type"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<StepLists>(m, "StepLists",

@@ -47,6 +47,13 @@ def _dtensor_type():
     return _DTensor
 
 
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _cpu_norm_available() -> bool:
+    return _extension.load_error is None and not torch.compiler.is_compiling()
+
+
 def _norms(grads: List[Tensor], norm_type: float) -> List[Tensor]:
     """Norms whose norm is the norm of all grads, one per grad or one per CPU (dtype) group,
     computed and returned in float32 (float64 for float64 grads): a float16 norm, as torch would
@@ -59,7 +66,7 @@ def _norms(grads: List[Tensor], norm_type: float) -> List[Tensor]:
     norms = []
     for (device, dtype), tensors in by_kind.items():
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-        if device.type == "cpu" and _extension.load_error is None and not torch.compiler.is_compiling():
+        if device.type == "cpu" and _cpu_norm_available():
             norms.append(_extension._module.total_norm(tensors, float(norm_type)))
         elif dtype in (torch.float32, torch.float64):
             norms.extend(torch._foreach_norm(tensors, norm_type))
@@ -86,6 +93,13 @@ def grad_norm(grads: Sequence[Tensor], norm_type: float = 2.0, grad_scale: Optio
     grads = list(grads)
     if not grads:
         return torch.zeros(())
+    if _PLAIN_TENSOR_TYPES.issuperset(map(type, grads)) and grads[0].device.type == "cpu" and _cpu_norm_available():
+        try:  # the common CPU case in one call (ValueError, before any work: a grad elsewhere)
+            total = _extension._module.total_norm(grads, float(norm_type))
+        except ValueError:
+            pass
+        else:
+            return total if grad_scale is None else total / grad_scale.to(device="cpu", dtype=total.dtype)
     DTensor = _dtensor_type()
     sharded = [g for g in grads if DTensor is not None and isinstance(g, DTensor)]
     plain = [g for g in grads if not (DTensor is not None and isinstance(g, DTensor))]

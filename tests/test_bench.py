@@ -638,4 +638,4 @@ def test_step_overhead_prints_every_setting_per_param(monkeypatch, capsys):
     for row, name in zip(rows, step_overhead.SETTINGS):
         assert name in row
         per_param = float(row.split("us a step")[1].split("us a param")[0])
-        assert 0 < per_param < 1e5 and row.rstrip().endswith("x slower")
+        assert 0 < per_param < 1e5 and row.rstrip().endswith("x as long")

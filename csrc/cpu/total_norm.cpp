@@ -48,21 +48,21 @@ at::Tensor total_norm(const std::vector<at::Tensor>& tensors, double norm_type) 
   TORCH_CHECK_VALUE(!tensors.empty(), "rmsprop_fused: total_norm of no tensors");
   TORCH_CHECK_VALUE(norm_type > 0, "rmsprop_fused: total_norm: norm_type must be > 0, got ",
                     norm_type);
-  const at::ScalarType dtype = tensors[0].scalar_type();
-  const at::ScalarType accumulate = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::ScalarType accumulate = at::kFloat;
   for (const at::Tensor& t : tensors) {
-    TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == dtype,
-                      "rmsprop_fused: total_norm takes CPU tensors of one dtype, got ",
-                      t.device(), " ", t.scalar_type(), " after ", dtype);
+    TORCH_CHECK_VALUE(t.device().is_cpu() && at::isFloatingType(t.scalar_type()),
+                      "rmsprop_fused: total_norm takes floating CPU tensors, got a ",
+                      t.scalar_type(), " tensor on ", t.device());
+    if (t.scalar_type() == at::kDouble) accumulate = at::kDouble;
   }
   PowerSum sum{norm_type, std::isinf(norm_type)};
   for (const at::Tensor& t : tensors) {
     if (t.numel() >= kTotalNormLoopNumel || !t.is_contiguous()) {
-      sum.add_norm(at::linalg_vector_norm(t, norm_type, std::nullopt, false, accumulate)
-                       .item<double>());
+      const at::ScalarType in = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      sum.add_norm(at::linalg_vector_norm(t, norm_type, std::nullopt, false, in).item<double>());
       continue;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "total_norm", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "total_norm", [&] {
       const scalar_t* data = t.const_data_ptr<scalar_t>();
       for (int64_t i = 0, n = t.numel(); i < n; ++i) {
         sum.add_magnitude(std::abs(static_cast<double>(data[i])));

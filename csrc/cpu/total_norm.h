@@ -10,9 +10,10 @@
 namespace rmsprop_fused {
 namespace cpu {
 
-// The norm of order norm_type (> 0, or inf) of all elements of `tensors` (CPU tensors of one
-// floating dtype), as a 0-d tensor in float32 (float64 for float64 tensors). Tensors of at least
-// kTotalNormLoopNumel elements, or not contiguous, are normed by torch's own op.
+// The norm of order norm_type (> 0, or inf) of all elements of `tensors` (floating CPU tensors),
+// as a 0-d tensor in float32, or float64 when any tensor is float64 (as torch's norm of the norms
+// would promote). Tensors of at least 4,096 elements, or not contiguous, are normed by torch's
+// own op. ValueError, before any work, for a tensor elsewhere or of another dtype.
 at::Tensor total_norm(const std::vector<at::Tensor>& tensors, double norm_type);
 
 }  // namespace cpu
