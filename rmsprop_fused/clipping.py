@@ -62,7 +62,8 @@ def _norms(grads: List[Tensor], norm_type: float) -> List[Tensor]:
     small ones itself (in float64: a few ulps from torch's float32 sums)."""
     by_kind: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
     for g in grads:
-        by_kind.setdefault((g.device, g.dtype), []).append(g)
+        if g.numel():  # (an empty FSDP2 shard adds nothing; _foreach_norm refuses it for inf)
+            by_kind.setdefault((g.device, g.dtype), []).append(g)
     norms = []
     for (device, dtype), tensors in by_kind.items():
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
@@ -76,8 +77,10 @@ def _norms(grads: List[Tensor], norm_type: float) -> List[Tensor]:
 
 
 def _combine(norms: List[Tensor], norm_type: float, device: torch.device) -> Tensor:
-    """The norm of the norms, on `device`, as clip_grad_norm_ combines them."""
+    """The norm of the norms, on `device`, as clip_grad_norm_ combines them (0 for none)."""
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    if not norms:
+        return torch.zeros((), dtype=dtype, device=device)
     return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]), norm_type)
 
 

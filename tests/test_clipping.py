@@ -122,6 +122,19 @@ def test_the_norm_is_a_device_tensor_read_by_no_one():
     assert opt.grad_norm.shape == () and abs(float(opt.grad_norm) - expected) < 1e-5 * expected
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+def test_empty_grads_add_nothing_to_the_norm(norm_type, monkeypatch):
+    """An FSDP2 rank's shard of a small param can be empty: torch._foreach_norm refuses an empty
+    tensor for the inf norm, so empty grads are left out (their norm is 0), on the extension's path
+    and on torch's (monkeypatched off the extension), and a rank with only empty shards has norm 0."""
+    grads = [torch.zeros(0), torch.tensor([3.0, -4.0]), torch.zeros(0, 5)]
+    expected = 4.0 if math.isinf(norm_type) else 5.0
+    assert float(clipping.grad_norm(grads, norm_type)) == expected
+    monkeypatch.setattr(clipping, "_cpu_norm_available", lambda: False)
+    assert float(clipping.grad_norm(grads, norm_type)) == expected
+    assert float(clipping.grad_norm([torch.zeros(0)], norm_type)) == 0.0
+
+
 def test_16_bit_grads_are_normed_in_float32():
     """torch's norm of float16 grads is a float16 number, inf above 65504; the clip coefficient
     then rounds every grad to zero. Here the norms are taken in float32."""
