@@ -439,13 +439,13 @@ if triton is not None:
 
         # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha); in the variance form (square_avg
         # holds w: rmsprop_update.h), alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves
-        variance_form = False
-        if CENTERED:
-            variance_form = s.variance_state
         square_avg = square_avg * s.alpha
-        if variance_form:
-            deviation = g - grad_avg
-            square_avg = square_avg + (s.alpha * s.one_minus_alpha) * (deviation * deviation)
+        if CENTERED:
+            if s.variance_state:
+                deviation = g - grad_avg
+                square_avg = square_avg + (s.alpha * s.one_minus_alpha) * (deviation * deviation)
+            else:
+                square_avg = square_avg + s.one_minus_alpha * g * g
         else:
             square_avg = square_avg + s.one_minus_alpha * g * g
 
@@ -458,21 +458,23 @@ if triton is not None:
                 grad_avg = g - (g - grad_avg) * s.lerp_one_minus_w
             m = grad_avg
         if s.use_bias_correction:  # optax's: both averages divided by 1 - alpha^step
-            if variance_form:
-                v = v + m * m  # v' = w' + m'^2, which bias correction needs
+            if CENTERED:
+                if s.variance_state:
+                    v = v + m * m  # v' = w' + m'^2, which bias correction needs
             v = tl.math.div_rn(v, s.bias_correction)
             if CENTERED:
                 m = tl.math.div_rn(m, s.bias_correction)
         var = v
-        if variance_form:
-            if s.use_bias_correction:  # v'/c - (m'/c)^2, clamped at 0 (NaN kept)
-                var = v - m * m
-                var = tl.where(var < 0.0, 0.0, var)
-        elif CENTERED:
-            # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a finite m
-            # even where m*m overflows, as torch's fused multiply-add gives (rmsprop_update.h)
-            finite_m = (m < float("inf")) & (m > float("-inf"))
-            var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
+        if CENTERED:
+            if s.variance_state:
+                if s.use_bias_correction:  # v'/c - (m'/c)^2, clamped at 0 (NaN kept)
+                    var = tl.where(v - m * m < 0.0, 0.0, v - m * m)
+            else:
+                # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a
+                # finite m even where m*m overflows, as torch's fused multiply-add gives
+                # (rmsprop_update.h)
+                finite_m = (m < float("inf")) & (m > float("-inf"))
+                var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
         denom = tl.math.sqrt_rn(var + s.eps_inside_root) + s.eps_outside_root
 
         if MOMENTUM:

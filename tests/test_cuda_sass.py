@@ -341,7 +341,7 @@ def test_the_plain_kernels_evidence_in_the_comment(kernels, registers):
     register and instruction counts it quotes are those of this build (for its nvcc)."""
     with open(os.path.join(CSRC, "multi_tensor_op.h")) as f:
         text = " ".join(" ".join(re.sub(r"^\s*//", "", line) for line in f).split())  # comments as prose
-    fewer = re.search(r"The plain kernels take (\d+) to (\d+) fewer registers", text)
+    fewer = re.search(r"The plain kernels take (-?\d+) to (-?\d+) fewer registers", text)
     ratio = re.search(r"(\d+\.\d) to (\d+\.\d) times fewer instructions per element update", text)
     version = re.search(r"measured with nvcc (\d+\.\d+)", text).group(1)
     nvcc = build_info().get("nvcc_version") or ""

@@ -30,11 +30,13 @@ namespace multi_tensor {
 // Every kernel comes in two variants: kExtended, with the rare options (those of
 // StepScalars::plain(), stochastic rounding, variance state) compiled in as uniform branches,
 // and a plain one for the common step that uses none of them. The rare options are not free on
-// the device even when off. The plain kernels take 0 to 22 fewer registers than the kExtended
+// the device even when off. The plain kernels take -5 to 25 fewer registers than the kExtended
 // ones of the same (pair, centered, momentum, AMP) (the columns of kRegisterCounts in
-// multi_tensor_kernel.h), and their own code has 1.2 to 3.3 times fewer instructions per element
-// update (SASS of sm_80 and sm_90: a branch around each option, a division sequence per bias
-// correction, a hash and a stochastic store per 16-bit stream), both measured with nvcc 13.0 and
+// multi_tensor_kernel.h; ptxas gives a few plain ones more), and their own code has 0.7 to 3.2
+// times fewer instructions per element update (SASS of sm_80 and sm_90: a branch around each
+// option, a division sequence per bias correction, a hash and a stochastic store per 16-bit
+// stream; below 1 for some kernels since the variance form went in, not yet looked into), both
+// measured with nvcc 13.0 and
 // checked by tests/test_cuda_sass.py. Registers cost occupancy, which the memory-bound loop can
 // spare; instructions matter where the 8-bit kernels are concerned, which at 10 to 18 bytes an
 // element and three 8-step code searches issue about as many instructions an element as an
