@@ -421,7 +421,8 @@ if triton is not None:
 
     @triton.jit
     def _rmsprop_update(param, grad, square_avg, grad_avg, momentum_buffer, s,
-                        CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, UNSCALE_GRAD: tl.constexpr):
+                        CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, UNSCALE_GRAD: tl.constexpr,
+                        VARIANCE_FORM: tl.constexpr):
         """rmsprop_update.h rmsprop_update, one float32 operation (one rounding) at a time, in its
         order; returns (param, grad, square_avg, grad_avg, momentum_buffer), grad unscaled."""
         if UNSCALE_GRAD:
@@ -439,13 +440,13 @@ if triton is not None:
 
         # square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha); in the variance form (square_avg
         # holds w: rmsprop_update.h), alpha * w + alpha * (1 - alpha) * (g - m)^2, before m moves
+        # (selects, not branches: two copies of the rest of the update spilled registers)
         square_avg = square_avg * s.alpha
-        if CENTERED:
-            if s.variance_state:
-                deviation = g - grad_avg
-                square_avg = square_avg + (s.alpha * s.one_minus_alpha) * (deviation * deviation)
-            else:
-                square_avg = square_avg + s.one_minus_alpha * g * g
+        if VARIANCE_FORM:  # (centered, and a state format that may hold the variance)
+            deviation = g - grad_avg
+            square_avg = square_avg + tl.where(s.variance_state,
+                                               (s.alpha * s.one_minus_alpha) * (deviation * deviation),
+                                               s.one_minus_alpha * g * g)
         else:
             square_avg = square_avg + s.one_minus_alpha * g * g
 
@@ -458,23 +459,23 @@ if triton is not None:
                 grad_avg = g - (g - grad_avg) * s.lerp_one_minus_w
             m = grad_avg
         if s.use_bias_correction:  # optax's: both averages divided by 1 - alpha^step
-            if CENTERED:
-                if s.variance_state:
-                    v = v + m * m  # v' = w' + m'^2, which bias correction needs
+            if VARIANCE_FORM:
+                v = tl.where(s.variance_state, v + m * m, v)  # v' = w' + m'^2, which bias correction needs
             v = tl.math.div_rn(v, s.bias_correction)
             if CENTERED:
                 m = tl.math.div_rn(m, s.bias_correction)
         var = v
-        if CENTERED:
-            if s.variance_state:
-                if s.use_bias_correction:  # v'/c - (m'/c)^2, clamped at 0 (NaN kept)
-                    var = tl.where(v - m * m < 0.0, 0.0, v - m * m)
-            else:
-                # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a
-                # finite m even where m*m overflows, as torch's fused multiply-add gives
-                # (rmsprop_update.h)
-                finite_m = (m < float("inf")) & (m > float("-inf"))
-                var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
+        if VARIANCE_FORM:
+            difference = v - m * m
+            # variance form: w' itself; bias-corrected, v'/c - (m'/c)^2 clamped at 0 (NaN kept)
+            variance = tl.where(s.use_bias_correction, tl.where(difference < 0.0, 0.0, difference), v)
+            # square_avg.addcmul(grad_avg, grad_avg, value=-1); +inf - m*m stays +inf for a finite
+            # m even where m*m overflows, as torch's fused multiply-add gives (rmsprop_update.h)
+            finite_m = (m < float("inf")) & (m > float("-inf"))
+            var = tl.where(s.variance_state, variance, tl.where((v == float("inf")) & finite_m, v, difference))
+        elif CENTERED:
+            finite_m = (m < float("inf")) & (m > float("-inf"))
+            var = tl.where((v == float("inf")) & finite_m, v, v - m * m)
         denom = tl.math.sqrt_rn(var + s.eps_inside_root) + s.eps_outside_root
 
         if MOMENTUM:
@@ -517,7 +518,9 @@ if triton is not None:
             b, b_ptrs, b_scale_ptrs = _load_state(entry, 4, 7, start, lanes, mask, row_mask, signed_map,
                                                   STATE, ALIGNED, ROWS)
 
-        p, grad, v, m, b = _rmsprop_update(p, grad, v, m, b, s, CENTERED, MOMENTUM, UNSCALE_GRAD)
+        # fp16 state never holds the variance (csrc/cpu/cpu_kernel.h can_hold_variance_state)
+        VARIANCE_FORM: tl.constexpr = CENTERED and STATE != tl.float16
+        p, grad, v, m, b = _rmsprop_update(p, grad, v, m, b, s, CENTERED, MOMENTUM, UNSCALE_GRAD, VARIANCE_FORM)
 
         index = start + lanes  # the element's index in its tensor: its random bits
         _store(param_ptrs, p, mask, keys.param, index, PARAM, STOCHASTIC)
