@@ -42,6 +42,10 @@ HAS_BUILD = bool(EXTENSION) and os.path.exists(os.path.join(PACKAGE_DIR, "_build
 CHILD = r"""
 import contextlib, io, json, runpy, sys, warnings
 
+# An editable install's finder maps rmsprop_fused's submodules to the original checkout: a copy
+# without its .so would load the original's. The child sees the copy alone.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
