@@ -906,6 +906,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def _cpu_simd_loop() -> Optional[str]:
+    """The CPU step's SIMD loop for 16-bit params ("avx512-bf16"), "" for none, None without the extension."""
+    from rmsprop_fused import _extension
+
+    return _extension._module.cpu_simd_isa() if _extension.load_error is None else None
+
+
 def _load_average() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -925,6 +932,8 @@ def environment(device: torch.device) -> dict:
         # flags, the caches, and whether this is a virtual machine (the "hypervisor" flag).
         "cpu_flags": flags,
         "cpu_kernel_clone": x86_64_level(flags),
+        # 16-bit params: the kernel's own AVX-512 loop where the CPU has AVX-512 BF16, else the clone
+        "cpu_simd_loop": _cpu_simd_loop(),
         "cpu_caches": cpu_caches(),
         "cpu_virtualised": "hypervisor" in flags,
         "torch_threads": torch.get_num_threads(),

@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/simd_kernel.h"
 #include "cpu/total_norm.h"
 #include "step_args.h"
 
@@ -82,6 +83,12 @@ PYBIND11_MODULE(_C, m) {
         "tensor, float64 if any is float64): clipping's norm without one op call per tensor",
         pybind11::arg("tensors"), pybind11::arg("norm_type"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cpu_simd_isa", &rmsprop_fused::cpu::simd_kernels_isa,
+        "The instructions of the CPU step's own SIMD loop for 16-bit params where this CPU runs "
+        "it (\"avx512-bf16\"), else \"\" (the compiler-vectorised loop)");
+  m.def("_set_cpu_simd", &rmsprop_fused::cpu::set_simd_kernels_enabled,
+        "Testing aid: whether the CPU step may use its SIMD loop (default True); returns the "
+        "previous setting", pybind11::arg("enabled"));
   pybind11::class_<StepLists>(m, "StepLists",
                               "A step's params, square_avgs, grad_avgs, momentum_buffers and "
                               "state_steps, converted once")

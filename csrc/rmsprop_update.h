@@ -58,6 +58,35 @@ struct StepScalars {
   }
 };
 
+// The same scalars in another arithmetic type of the same precision (the CPU's SIMD lanes, each
+// value broadcast): every field, so extend it with the struct.
+template <typename To, typename From>
+inline StepScalars<To> convert_step_scalars(const StepScalars<From>& s) {
+  StepScalars<To> t;
+  t.lr = To(s.lr);
+  t.alpha = To(s.alpha);
+  t.one_minus_alpha = To(s.one_minus_alpha);
+  t.lerp_one_minus_w = To(s.lerp_one_minus_w);
+  t.eps_inside_root = To(s.eps_inside_root);
+  t.eps_outside_root = To(s.eps_outside_root);
+  t.weight_decay = To(s.weight_decay);
+  t.momentum = To(s.momentum);
+  t.grad_scale = To(s.grad_scale);
+  t.clip_coef = To(s.clip_coef);
+  t.decay_factor = To(s.decay_factor);
+  t.bias_correction = To(s.bias_correction);
+  t.alpha_double = s.alpha_double;
+  t.maximize = s.maximize;
+  t.coupled_weight_decay = s.coupled_weight_decay;
+  t.decoupled_weight_decay = s.decoupled_weight_decay;
+  t.lerp_weight_small = s.lerp_weight_small;
+  t.lr_in_momentum = s.lr_in_momentum;
+  t.nesterov = s.nesterov;
+  t.use_bias_correction = s.use_bias_correction;
+  t.clip = s.clip;
+  return t;
+}
+
 // lr and what is derived from it. (1 - lr * wd) is computed in opmath from the opmath lr, the
 // same way for a float lr (here, on the host) and a tensor lr (on the device), so both agree.
 template <typename opmath_t>
@@ -109,6 +138,16 @@ struct UpdateVariant {
   static constexpr bool kExtended = kExtended_;
 };
 
+// Calls f(std::bool_constant<flag>{}): how a kernel picks its instantiation at run time.
+template <typename F>
+void dispatch_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // `cond ? a : b` for a condition that is the same for every element (an option). On the GPU a
 // uniform branch; on the host a bitwise blend, which GCC vectorises: a select on a bool read from
 // memory stops its vectoriser once a loop holds more of them than it will unswitch. Same bits.
@@ -134,6 +173,13 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T apply_if(bool cond, T x, F&& f) {
 #else
   return select(cond, f(x), x);
 #endif
+}
+
+// `cond ? a : b` for a condition of the element itself. The CPU's explicit SIMD lanes
+// (cpu/simd_lanes.h) overload it for a lane mask, as they overload the operators and square_root.
+template <typename T>
+RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T where(bool cond, T a, T b) {
+  return cond ? a : b;
 }
 
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float square_root(float x) { return ::sqrtf(x); }
@@ -219,7 +265,7 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint32_t random_bits(uint32_t key, int6
 // is >= 0 in exact arithmetic (a weighted variance) and is clamped at 0.
 template <typename T>
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T clamped_at_zero(T x) {
-  return x < T(0) ? T(0) : x;  // NaN stays NaN
+  return where(x < T(0), T(0), x);  // NaN stays NaN
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,8 +332,8 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     // even where m*m overflows; two roundings would give inf - inf = NaN. Finite results are the
     // same either way.
     const T inf = static_cast<T>(INFINITY);
-    const bool finite_m = m < inf && m > -inf;  // false for NaN too
-    var = (v == inf && finite_m) ? v : v - m * m;
+    const auto finite_m = m < inf && m > -inf;  // false for NaN too
+    var = where(v == inf && finite_m, v, v - m * m);
   }
   const T denom = square_root(var + s.eps_inside_root) + s.eps_outside_root;
 

@@ -24,6 +24,9 @@ def main() -> int:
     if info is not None:
         cuda = f"CUDA kernel for {info['cuda_arch_list']!r} ({info['nvcc_version']})" if info["cuda"] else f"no CUDA kernel: {info['why_no_cuda']}"
         print(f"extension built against torch {info['torch_version']}; {cuda}")
+    if _extension.load_error is None:
+        simd = _extension._module.cpu_simd_isa()
+        print(f"CPU step for 16-bit params: {simd + ' loop' if simd else 'compiler-vectorised loop'}")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     print(f"GPUs visible: {', '.join(gpus) if gpus else 'none'}")
     print()

@@ -3,6 +3,7 @@ every (param, state) dtype pair (8-bit blockwise included), stochastic rounding,
 vector width, the chunk size and the 256-element blocks, misaligned views; torch.library.opcheck;
 and the machine code of its loops."""
 
+import functools
 import itertools
 
 import pytest
@@ -18,6 +19,38 @@ pytestmark = pytest.mark.skipif(not available("cpu"), reason="the C++ extension 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 3, 4, 4097, 65537, 2**20 + 3]
 
+# 16-bit params run the CPU step's own AVX-512 loop (rmsprop_cpu_avx512.cpp) where the CPU has
+# AVX-512 BF16, else the compiler-vectorised loop of cpu_kernel.h: where both run, both are tested.
+LOOPS = ["simd-loop", "compiler-loop"]
+
+
+def _has_simd_loop(dtype, state_dtype=None) -> bool:
+    return dtype in (torch.bfloat16, torch.float16) and state_dtype in (None, dtype, torch.float32)
+
+
+def with_loops(name: str, values, has_simd=_has_simd_loop):
+    """Parameters (value, loop) for `name` and the `cpu_loop` fixture: both loops where a value
+    (a dtype or a pair) can run the SIMD loop, the compiler's alone elsewhere."""
+    params = []
+    for v in values:
+        simd = has_simd(*v) if isinstance(v, tuple) else has_simd(v)
+        vid = pair_id(v) if isinstance(v, tuple) else str(v)
+        params += [pytest.param(v, loop, id=f"{vid}-{loop}") for loop in (LOOPS if simd else LOOPS[1:])]
+    return pytest.mark.parametrize(f"{name}, cpu_loop", params, indirect=["cpu_loop"])
+
+
+@pytest.fixture
+def cpu_loop(request):
+    """Runs the test with the CPU step's SIMD loop allowed or not (skipped where the CPU lacks it)."""
+    from rmsprop_fused import _extension
+
+    module = _extension._module
+    if request.param == "simd-loop" and not module.cpu_simd_isa():
+        pytest.skip("this CPU lacks AVX-512 BF16: its 16-bit params run the compiler-vectorised loop only")
+    previous = module._set_cpu_simd(request.param == "simd-loop")
+    yield request.param
+    module._set_cpu_simd(previous)
+
 
 def matches_reference(lists, **options):
     """One step of the op and of the reference on copies of `lists`: the same bits."""
@@ -27,10 +60,10 @@ def matches_reference(lists, **options):
     assert_lists_equal(actual, expected)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@with_loops("dtype", DTYPES)
 @pytest.mark.parametrize("options", OPTION_MATRIX, ids=option_id)
-def test_every_option_and_dtype_matches_reference(options, dtype):
-    sizes = [0, 1, 3, 4, 5, 17, 4097]
+def test_every_option_and_dtype_matches_reference(options, dtype, cpu_loop):
+    sizes = [0, 1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 4097]
     lists = make_lists(sizes, dtype, centered=options["centered"], momentum=options["momentum"], seed=fresh_seed())
     matches_reference(lists, **options)
 
@@ -39,10 +72,10 @@ def _low_precision_variance(pair, options) -> bool:
     return options["centered"] and pair[1] in (torch.bfloat16, torch.uint8)
 
 
-@pytest.mark.parametrize("pair", STATE_PAIRS, ids=pair_id)
+@with_loops("pair", STATE_PAIRS)
 @pytest.mark.parametrize("options", [o for o in OPTION_MATRIX if not o["maximize"] and not o["eps_in_sqrt"]] + EXTENDED_OPTIONS,
                          ids=option_id)
-def test_every_state_dtype_and_extended_option_matches_reference(pair, options):
+def test_every_state_dtype_and_extended_option_matches_reference(pair, options, cpu_loop):
     """Sizes across the 256-element blocks of 8-bit state (a partial last block, a lone element);
     step counters from 0 to 40 for bias correction; variance state where the optimizer uses it."""
     dtype, state_dtype = pair
@@ -68,9 +101,9 @@ def test_stochastic_rounding_matches_reference(pair, centered, momentum):
     assert any(not torch.equal(a, b) for key in ("params", "square_avgs") for a, b in zip(one[key], other[key]))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@with_loops("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
-def test_sizes_and_misaligned_views(dtype, offset):
+def test_sizes_and_misaligned_views(dtype, offset, cpu_loop):
     options = dict(centered=True, momentum=0.9, weight_decay=0.1)
     lists = make_lists(SIZES, dtype, centered=True, momentum=0.9, seed=fresh_seed(), offset=offset)
     assert all(t.storage_offset() == offset for t in lists["params"])
@@ -86,25 +119,32 @@ def test_8bit_state_across_threads(pair):
     matches_reference(lists, centered=True, momentum=0.9, variance_state=True)
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float16, torch.float32], ids=["fp16-state", "fp32-state"])
-def test_every_float16_bit_pattern_converts_as_the_codec(state_dtype):
-    """fp16 streams are converted a tile at a time with the CPU's instructions (half_tiles.h) where
-    it has them: every one of the 65,536 fp16 values as a param, a grad and a state value
-    (subnormals, infinities, NaNs with payloads), tiles cut at odd sizes, against the reference to
-    the bit; the NaNs in the same places and each the codec's sign | 0x7E00, where vcvtps2ph keeps
-    a payload (their signs are torch's in the reference, so only the places are compared)."""
-    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+# The quiet NaN each 16-bit codec stores (element_codec.h), and the bits it is checked on
+CANONICAL_NAN = {torch.float16: (0x7FFF, 0x7E00), torch.bfloat16: (-1, 0x7FC0)}
+
+
+@with_loops("pair", [(d, s) for d in (torch.float16, torch.bfloat16) for s in (d, torch.float32)])
+def test_every_16_bit_pattern_converts_as_the_codec(pair, cpu_loop):
+    """16-bit streams are converted with the CPU's instructions where it has them (the SIMD loop;
+    fp16 tiles of half_tiles.h otherwise), which round NaNs (and, vcvtneps2bf16, subnormals)
+    otherwise than the codecs: every one of the 65,536 values as a param, a grad and a state value
+    (subnormals, infinities, NaNs with payloads), tensors cut at odd sizes, against the reference
+    to the bit; the NaNs in the same places and each the codec's quiet NaN (their signs are
+    torch's in the reference, so only the places are compared)."""
+    dtype, state_dtype = pair
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(fresh_seed()))]
     sizes = [1, 255, 257, every.numel() - 513]
-    lists = make_lists(sizes, torch.float16, momentum=0.9, state_dtype=state_dtype, seed=fresh_seed())
+    lists = make_lists(sizes, dtype, momentum=0.9, state_dtype=state_dtype, seed=fresh_seed())
     for key, source in (("params", every), ("grads", shuffled)):
         for t, part in zip(lists[key], source.split(sizes)):
             t.copy_(part.view(t.shape))
-    if state_dtype == torch.float16:  # square_avg >= 0 (sqrt); momentum: every value
+    if state_dtype == dtype:  # square_avg >= 0 (sqrt); momentum: every value
         for t, part in zip(lists["square_avgs"], every.abs().flip(0).split(sizes)):
             t.copy_(part.view(t.shape))
         for t, part in zip(lists["momentum_buffers"], shuffled.flip(0).split(sizes)):
             t.copy_(part.view(t.shape))
+    mask, canonical = CANONICAL_NAN[dtype]
     expected, actual = clone_lists(lists), clone_lists(lists)
     for options in (dict(momentum=0.9), dict(momentum=0.9, grad_scale=torch.tensor(0.5))):
         step(expected, "reference", **options)
@@ -113,23 +153,28 @@ def test_every_float16_bit_pattern_converts_as_the_codec(state_dtype):
             for i, (a, e) in enumerate(zip(actual[key], expected[key])):
                 nan = a.isnan()
                 assert torch.equal(nan, e.isnan()), f"{options}: {key}[{i}]: NaN in other places"
-                bits = torch.int16 if a.dtype == torch.float16 else torch.int32
+                bits = torch.int16 if a.dtype == dtype else torch.int32
                 different = int((a.view(bits) != e.view(bits))[~nan].sum())
                 assert different == 0, f"{options}: {key}[{i}]: {different} elements differ in their bits"
                 written = key != "grads" or "grad_scale" in options  # (AMP writes the grads back)
-                if a.dtype == torch.float16 and written:
-                    assert bool(((a[nan].view(torch.int16) & 0x7FFF) == 0x7E00).all()), f"{key}[{i}]: NaN not canonical"
+                if a.dtype == dtype and written:
+                    assert bool(((a[nan].view(torch.int16) & mask) == canonical).all()), f"{key}[{i}]: NaN not canonical"
 
 
-def test_every_element_is_written():
-    """The update is in place, so "written" means "changed": with random float32 inputs every
-    element of the param and of each state tensor gets a new value, and a skipped element would
-    keep its old one. (The values themselves are checked against the reference above.)"""
-    lists = make_lists([1, 3, 4097, 65537, 2**20 + 3], torch.float32, centered=True, momentum=0.9, seed=3)
-    for g in lists["grads"]:  # |g| >= 2 > sqrt(square_avg): every value moves by well over an ulp
+@with_loops("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_element_is_written(dtype, cpu_loop):
+    """The update is in place, so "written" means "changed": with random inputs every element of
+    the param and of each state tensor gets a new value, and a skipped element would keep its old
+    one. (The values themselves are checked against the reference above.) Sizes end inside a
+    vector and a cache line of every width."""
+    lists = make_lists([1, 3, 15, 17, 33, 4097, 65537, 2**20 + 3], dtype, centered=True, momentum=0.9, seed=fresh_seed())
+    # |g| >= 2 and square_avg < 1.2, so with alpha = 0.5 and lr = 0.1 each value moves by far more
+    # than half a bf16 ulp: square_avg by over 1, grad_avg by over 0.9, the momentum buffer by
+    # about 0.2 (lr * g / sqrt(variance), the variance about g^2 / 4) and the param by lr times that
+    for g in lists["grads"]:
         g.copy_(torch.where(g < 0, g - 2, g + 2))
     updated = clone_lists(lists)
-    step(updated, "cpu", centered=True, momentum=0.9)
+    step(updated, "cpu", lr=0.1, alpha=0.5, centered=True, momentum=0.9)
     for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
         for i, (after, before) in enumerate(zip(updated[key], lists[key])):
             unchanged = int((after == before).sum())
@@ -181,10 +226,9 @@ def test_opcheck(state_dtype):
     )
 
 
-def _update_loop_functions():
-    """{function name: disassembly} of the CPU inner loops: every instantiation of update_range
-    and update_quantized_blocks (8-bit state), and each of its clones (.default,
-    .arch_x86_64_v3, .arch_x86_64_v4)."""
+@functools.lru_cache(maxsize=1)
+def _disassembled_functions() -> dict:
+    """{demangled function name: its disassembly} of the extension's machine code."""
     import glob
     import os
     import shutil
@@ -200,14 +244,20 @@ def _update_loop_functions():
     functions, current = {}, None
     for line in text.splitlines():
         if line.endswith(">:"):
-            name = line.split("<", 1)[1][:-2]
-            loop = "update_range<" in name or "update_quantized_blocks<" in name
-            current = name if loop and not any(x in name for x in ("resolver", ".cold", "@plt")) else None
-            if current:
-                functions[current] = []
+            current = line.split("<", 1)[1][:-2]
+            functions[current] = []
         elif current is not None:
             functions[current].append(line)
     return {k: "\n".join(v) for k, v in functions.items()}
+
+
+def _update_loop_functions():
+    """{function name: disassembly} of the CPU inner loops: every instantiation of update_range
+    and update_quantized_blocks (8-bit state), and each of its clones (.default,
+    .arch_x86_64_v3, .arch_x86_64_v4)."""
+    return {name: code for name, code in _disassembled_functions().items()
+            if ("update_range<" in name or "update_quantized_blocks<" in name)
+            and not any(x in name for x in ("resolver", ".cold", "@plt"))}
 
 
 _CPP_TYPES = {"double": torch.float64, "float": torch.float32, "c10::Half": torch.float16,
@@ -336,3 +386,52 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
             f"{name}: the prefetching main loop has no sqrt{opmath} on {width}: it is not vectorised"
         )
         assert not [line for line in body if f"sqrts{opmath[1]}" in line], f"{name}: scalar sqrt in the main loop"
+
+
+# The functions built for AVX-512: the v4 clones, the fp16 tile conversions, and
+# rmsprop_cpu_avx512.cpp (its loops, their table, and the entry that returns them).
+_AVX512_FUNCTIONS = ("[clone .arch_x86_64_v4]", "_avx512(", "update_range_simd<", "simd_range_kernel<",
+                     "loops_by_flags<", "loop_for_flags<", "(anonymous namespace)::lookup<")
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_only_the_avx512_code_uses_avx512_registers():
+    """rmsprop_cpu_avx512.cpp is compiled for AVX-512 (a target pragma) and runs only where the CPU
+    has it. Had it emitted its own copy of an inline function it shares with the other files, the
+    linker could keep that copy for all of them, and a CPU without AVX-512 would die of SIGILL in
+    code that never asked for it: no function outside the AVX-512 code may touch a zmm or mask
+    register."""
+    offenders = [name for name, code in _disassembled_functions().items()
+                 if ("%zmm" in code or "%k1" in code or "{%k" in code) and not any(f in name for f in _AVX512_FUNCTIONS)]
+    assert not offenders, f"AVX-512 instructions outside the AVX-512 code: {offenders[:5]}"
+
+
+# The SIMD loops rmsprop_cpu_avx512.cpp builds: (param, state, centered, momentum, unscale,
+# extended, variance state), variance state for centered extended state of bfloat16 or float32
+SIMD_PAIRS = [(d, s) for d in (torch.bfloat16, torch.float16) for s in (d, torch.float32)]
+
+
+def _simd_instantiation(name: str) -> tuple:
+    args = name.split("update_range_simd<", 1)[1]
+    param, state, rest = args.split(", ", 2)
+    variant, variance = rest.split("UpdateVariant<", 1)[1].split(">, ", 1)
+    flags = [f == "true" for f in variant.split(", ")] + [variance.split(">", 1)[0] == "true"]
+    return (_CPP_TYPES[param], _CPP_TYPES[state], *flags)
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_every_simd_loop_converts_with_the_instructions():
+    """Every flag combination has its SIMD loop, and each converts its 16-bit stores with one
+    instruction (vcvtneps2bf16, vcvtps2ph), takes sqrt 16 lanes at a time and calls nothing."""
+    loops = {name: code for name, code in _disassembled_functions().items() if "update_range_simd<" in name}
+    expected = {(p, s, c, m, u, e, var) for p, s in SIMD_PAIRS
+                for c, m, u, e, var in itertools.product((False, True), repeat=5)
+                if not var or (c and e and s != torch.float16)}
+    found = {_simd_instantiation(name) for name in loops}
+    assert found == expected, f"missing {expected - found}, unexpected {found - expected}"
+    for name, code in loops.items():
+        param = _simd_instantiation(name)[0]
+        convert = "vcvtneps2bf16" if param == torch.bfloat16 else "vcvtps2ph"
+        assert convert in code, f"{name}: no {convert}"
+        assert "vsqrtps %zmm" in code, f"{name}: no 16-lane sqrt"
+        assert "call" not in code, f"{name}: calls a function"

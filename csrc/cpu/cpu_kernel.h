@@ -25,6 +25,8 @@
 #include "../step_args.h"
 #include "../rmsprop_update.h"
 #include "half_tiles.h"
+#include "prefetch.h"
+#include "simd_kernel.h"
 
 namespace rmsprop_fused {
 namespace cpu {
@@ -45,14 +47,6 @@ constexpr int64_t kParallelGrain = 1 << 15;
 #define RMSPROP_CPU_CLONES
 #endif
 
-// How far ahead of the loop each stream is prefetched. The hardware prefetcher stops at every
-// 4 KiB page boundary and must retrain, and one core keeps too few misses in flight for its
-// three to five streams to hide the memory latency: prefetching 1 KiB ahead took the GPT-2-small
-// fp32 step of bench/bench_step.py from 59 to 53 ms (42 to 47 GB/s) on the 2-core Xeon of
-// bench/results. 512 B helped less (55 ms); 2 and 4 KiB no more than 1 KiB.
-constexpr int64_t kPrefetchBytes = 1024;
-constexpr int64_t kCacheLineBytes = 64;
-
 template <typename storage_t>
 inline void prefetch_ahead(const storage_t* stream, int64_t i) {
   __builtin_prefetch(stream + i + kPrefetchBytes / int64_t(sizeof(storage_t)), /*rw=*/0,
@@ -72,6 +66,7 @@ struct Kernel {
   using StateCodec = ElementCodec<std::conditional_t<kQuantized, float, state_t>>;
   using S = std::conditional_t<kQuantized, uint8_t, typename StateCodec::storage_t>;
   using opmath_t = at::opmath_type<param_t>;
+  using param_type = param_t;
   using state_type = state_t;
   using Variant = Variant_;
   static constexpr bool kStochastic = kStochastic_;
@@ -238,6 +233,16 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
   }
 }
 
+// Whether the AVX-512 loop (rmsprop_cpu_avx512.cpp) has this kernel: 16-bit params, their own
+// dtype or float32 as state, nearest rounding.
+template <class K>
+constexpr bool kHasSimdLoop =
+    (std::is_same_v<typename K::param_type, c10::BFloat16> ||
+     std::is_same_v<typename K::param_type, c10::Half>) &&
+    (std::is_same_v<typename K::state_type, typename K::param_type> ||
+     std::is_same_v<typename K::state_type, float>) &&
+    !K::kStochastic;
+
 // The codes and the scale of a block of `count` updated values.
 inline __attribute__((always_inline)) void encode_block(const float* __restrict__ values,
                                                         int64_t count, uint8_t* __restrict__ codes,
@@ -381,6 +386,15 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
     }
     starts[t + 1] = starts[t] + (w.numel + kUnit - 1) / kUnit;
   }
+  // the AVX-512 loop where the CPU has it, else update_range
+  SimdRangeFn<typename K::param_type, typename K::state_type> simd_loop = nullptr;
+  if constexpr (kHasSimdLoop<K>) {
+    if (simd_kernels_available()) {
+      simd_loop = simd_range_kernel<typename K::param_type, typename K::state_type>(
+          {V::kCentered, V::kMomentum, V::kUnscaleGrad, V::kExtended, K::kVarianceState});
+      TORCH_INTERNAL_ASSERT(simd_loop != nullptr, "rmsprop_fused: no AVX-512 loop for a kernel");
+    }
+  }
   at::parallel_for(0, starts[n], std::max<int64_t>(1, kParallelGrain / kUnit),
                    [&](int64_t begin, int64_t end) {
     // the last tensor starting at or before `begin` (zero-size tensors are skipped over)
@@ -397,21 +411,17 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
                                    w.square_avg_scale, w.grad_avg_scale, w.momentum_buffer_scale,
                                    first, last, w.numel, s, w.keys);
       } else {
+        if constexpr (kHasSimdLoop<K>) {
+          if (simd_loop != nullptr) {
+            simd_loop(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer, first, last, s);
+            continue;
+          }
+        }
         update_range<K>(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer, first,
                         last, s, w.keys);
       }
     }
   });
-}
-
-// Calls f(std::bool_constant<flag>{}).
-template <typename F>
-void dispatch_flag(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 // Whether a (param, state) pair stores any 16-bit value (stochastic rounding has work).

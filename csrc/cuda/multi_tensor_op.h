@@ -142,16 +142,6 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls f(std::bool_constant<flag>{}).
-template <typename F>
-void dispatch_flag(bool flag, F&& f) {
-  if (flag) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // Whether (param_t, state_t) is a pair of STATE_PAIRS (rmsprop_op.h is_supported_state_dtype).
 template <typename param_t, typename state_t>
 constexpr bool is_state_pair() {

@@ -1,0 +1,244 @@
+// The CPU step for bfloat16 and float16 params where the CPU has AVX-512 with BF16 (Sapphire
+// Rapids and later Xeons, AMD Zen 4 and later): rmsprop_update on sixteen float32 lanes
+// (simd_lanes.h), loading and storing each 16-bit stream with the conversion instructions. The
+// 16-bit step is compute-bound on two cores: its vsqrtps and vdivps keep the divider busy for
+// about half of it, and the compiler-vectorised loop of cpu_kernel.h spends most of the rest on
+// the codecs' integer rounding (about 8 instructions a vector for every 16-bit store, 4 stores
+// with centered + momentum). vcvtneps2bf16 / vcvtne2ps2bf16 and vcvtps2ph round in one, with a
+// check for what they round otherwise (NaN, and subnormals for bf16); bfloat16 loads are one
+// shift or mask (load_interleaved). Same bits as the codecs, so as every backend:
+// tests/test_cpu_kernel.py runs both loops against the reference.
+//
+// Everything below the target pragma uses AVX-512 and runs only where simd_kernels_available():
+// the templates are instantiated here alone (in an anonymous namespace, or on its types), so no
+// AVX-512 copy of a shared inline function can take the place of the others at link time
+// (tests/test_cpu_kernel.py checks that only these functions and the v4 clones use zmm registers).
+#include "simd_kernel.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "prefetch.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RMSPROP_CPU_SIMD_KERNELS 1
+// GCC 12's own conversion intrinsics start from an undefined vector that it then warns about.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#endif
+
+namespace rmsprop_fused {
+namespace cpu {
+namespace {
+
+bool cpu_runs_simd_kernels() {
+#if defined(RMSPROP_CPU_SIMD_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+const bool kCpuRunsSimdKernels = cpu_runs_simd_kernels();
+std::atomic<bool> simd_kernels_enabled{true};
+
+}  // namespace
+
+const char* simd_kernels_isa() { return kCpuRunsSimdKernels ? "avx512-bf16" : ""; }
+
+bool simd_kernels_available() {
+  return kCpuRunsSimdKernels && simd_kernels_enabled.load(std::memory_order_relaxed);
+}
+
+bool set_simd_kernels_enabled(bool enabled) { return simd_kernels_enabled.exchange(enabled); }
+
+}  // namespace cpu
+}  // namespace rmsprop_fused
+
+#if defined(RMSPROP_CPU_SIMD_KERNELS)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// First included here, so that rmsprop_update and its helpers are compiled for these lanes.
+#include "../rmsprop_update.h"
+#include "simd_lanes.h"
+
+namespace rmsprop_fused {
+namespace cpu {
+namespace {
+
+using simd::Lanes16;
+
+template <typename storage_t>
+inline __attribute__((always_inline)) void prefetch_line(const storage_t* stream, int64_t i) {
+  __builtin_prefetch(stream + i, /*rw=*/0, /*locality=*/3);
+}
+
+// Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of float32
+// state), each stream prefetched kPrefetchBytes of params ahead, up to the range's last element;
+// the last under 32 sixteen at a time with masked loads and stores. bfloat16 params with
+// bfloat16 state take the 32 as their even and odd elements (LaneCodec load_interleaved).
+template <typename param_t, typename state_t, class V, bool kVarianceState>
+void update_range_simd(typename ElementCodec<param_t>::storage_t* __restrict__ param,
+                       typename ElementCodec<param_t>::storage_t* __restrict__ grad,
+                       typename ElementCodec<state_t>::storage_t* __restrict__ square_avg,
+                       typename ElementCodec<state_t>::storage_t* __restrict__ grad_avg,
+                       typename ElementCodec<state_t>::storage_t* __restrict__ momentum_buffer,
+                       int64_t begin, int64_t end, const StepScalars<float>& scalars) {
+  using PC = simd::LaneCodec<param_t>;
+  using SC = simd::LaneCodec<state_t>;
+  using P = typename PC::storage_t;
+  using S = typename SC::storage_t;
+  const StepScalars<Lanes16> s = convert_step_scalars<Lanes16>(scalars);
+  // the elements of one vector of lanes at i, loaded (the others are 0) and updated
+  struct Values {
+    Lanes16 p, g, v, m, b;
+  };
+  const auto update = [&](int64_t i, __mmask16 mask) __attribute__((always_inline)) {
+    Values x{PC::load(param + i, mask), PC::load(grad + i, mask), SC::load(square_avg + i, mask),
+             Lanes16(0.0f), Lanes16(0.0f)};
+    if constexpr (V::kCentered) x.m = SC::load(grad_avg + i, mask);
+    if constexpr (V::kMomentum) x.b = SC::load(momentum_buffer + i, mask);
+    rmsprop_update<V, kVarianceState>(x.p, x.g, x.v, x.m, x.b, s);
+    return x;
+  };
+  const auto store = [&](int64_t i, const Values& x, __mmask16 mask) __attribute__((always_inline)) {
+    PC::store(param + i, x.p, mask);
+    SC::store(square_avg + i, x.v, mask);
+    if constexpr (V::kUnscaleGrad) PC::store(grad + i, x.g, mask);  // the unscaled grad
+    if constexpr (V::kCentered) SC::store(grad_avg + i, x.m, mask);
+    if constexpr (V::kMomentum) SC::store(momentum_buffer + i, x.b, mask);
+  };
+  // bfloat16 params and state: 32 elements at i as their even and odd elements (a generic
+  // lambda, compiled only where called)
+  const auto update_interleaved = [&](auto i) __attribute__((always_inline)) {
+    using BC = simd::LaneCodec<c10::BFloat16>;
+    Values even, odd;
+    BC::load_interleaved(param + i, even.p, odd.p);
+    BC::load_interleaved(grad + i, even.g, odd.g);
+    BC::load_interleaved(square_avg + i, even.v, odd.v);
+    even.m = odd.m = even.b = odd.b = Lanes16(0.0f);
+    if constexpr (V::kCentered) BC::load_interleaved(grad_avg + i, even.m, odd.m);
+    if constexpr (V::kMomentum) BC::load_interleaved(momentum_buffer + i, even.b, odd.b);
+    rmsprop_update<V, kVarianceState>(even.p, even.g, even.v, even.m, even.b, s);
+    rmsprop_update<V, kVarianceState>(odd.p, odd.g, odd.v, odd.m, odd.b, s);
+    BC::store_interleaved(param + i, even.p, odd.p);
+    BC::store_interleaved(square_avg + i, even.v, odd.v);
+    if constexpr (V::kUnscaleGrad) BC::store_interleaved(grad + i, even.g, odd.g);
+    if constexpr (V::kCentered) BC::store_interleaved(grad_avg + i, even.m, odd.m);
+    if constexpr (V::kMomentum) BC::store_interleaved(momentum_buffer + i, even.b, odd.b);
+  };
+  // 32 elements at i: each 16-bit stream written a cache line in one store
+  const auto store_pair = [&](int64_t i, const Values& low,
+                              const Values& high) __attribute__((always_inline)) {
+    PC::store_pair(param + i, low.p, high.p);
+    SC::store_pair(square_avg + i, low.v, high.v);
+    if constexpr (V::kUnscaleGrad) PC::store_pair(grad + i, low.g, high.g);
+    if constexpr (V::kCentered) SC::store_pair(grad_avg + i, low.m, high.m);
+    if constexpr (V::kMomentum) SC::store_pair(momentum_buffer + i, low.b, high.b);
+  };
+  constexpr int64_t kStep = kCacheLineBytes / sizeof(P);
+  static_assert(kStep == 32, "a cache line of 16-bit params is two vectors of lanes");
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(P);
+  constexpr bool kWideState = sizeof(S) == 4;
+  int64_t i = begin;
+  for (; i + kStep <= end; i += kStep) {
+    const int64_t ahead = std::min(i + kAhead, end - 1);
+    prefetch_line(param, ahead);
+    prefetch_line(grad, ahead);
+    const int64_t state_ahead[] = {ahead, std::min(ahead + 16, end - 1)};
+    for (int64_t k = 0; k < (kWideState ? 2 : 1); ++k) {
+      prefetch_line(square_avg, state_ahead[k]);
+      if constexpr (V::kCentered) prefetch_line(grad_avg, state_ahead[k]);
+      if constexpr (V::kMomentum) prefetch_line(momentum_buffer, state_ahead[k]);
+    }
+    if constexpr (std::is_same_v<param_t, c10::BFloat16> && std::is_same_v<state_t, c10::BFloat16>) {
+      update_interleaved(i);
+    } else {
+      store_pair(i, update(i, 0xFFFF), update(i + 16, 0xFFFF));
+    }
+  }
+  for (; i < end; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, end - i)) - 1);
+    store(i, update(i, mask), mask);
+  }
+}
+
+// The loop for each SimdKernelFlags, numbered by its bits: centered 1, momentum 2, unscale 4,
+// extended 8, variance state 16 (null where the flags cannot go together).
+template <typename param_t, typename state_t, unsigned kFlags>
+constexpr SimdRangeFn<param_t, state_t> loop_for_flags() {
+  using V = UpdateVariant<(kFlags & 1) != 0, (kFlags & 2) != 0, (kFlags & 4) != 0, (kFlags & 8) != 0>;
+  constexpr bool kVarianceState = (kFlags & 16) != 0;
+  // the variance is kept for centered state of bfloat16 or float32 (the pairs' state here)
+  if constexpr (kVarianceState && !(V::kCentered && V::kExtended && !std::is_same_v<state_t, c10::Half>)) {
+    return nullptr;
+  } else {
+    return &update_range_simd<param_t, state_t, V, kVarianceState>;
+  }
+}
+
+template <typename param_t, typename state_t, unsigned... kFlags>
+constexpr std::array<SimdRangeFn<param_t, state_t>, sizeof...(kFlags)> loops_by_flags(
+    std::integer_sequence<unsigned, kFlags...>) {
+  return {loop_for_flags<param_t, state_t, kFlags>()...};
+}
+
+template <typename param_t, typename state_t>
+SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags& f) {
+  static constexpr auto kLoops =
+      loops_by_flags<param_t, state_t>(std::make_integer_sequence<unsigned, 32>{});
+  return kLoops[unsigned(f.centered) | unsigned(f.momentum) << 1 | unsigned(f.unscale_grad) << 2 |
+                unsigned(f.extended) << 3 | unsigned(f.variance_state) << 4];
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace rmsprop_fused
+
+#pragma GCC pop_options
+#else
+namespace rmsprop_fused {
+namespace cpu {
+namespace {
+template <typename param_t, typename state_t>
+SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags&) {
+  return nullptr;  // never asked: simd_kernels_available() is false
+}
+}  // namespace
+}  // namespace cpu
+}  // namespace rmsprop_fused
+#endif
+
+namespace rmsprop_fused {
+namespace cpu {
+
+template <>
+SimdRangeFn<c10::BFloat16, c10::BFloat16> simd_range_kernel<c10::BFloat16, c10::BFloat16>(const SimdKernelFlags& f) {
+  return lookup<c10::BFloat16, c10::BFloat16>(f);
+}
+template <>
+SimdRangeFn<c10::BFloat16, float> simd_range_kernel<c10::BFloat16, float>(const SimdKernelFlags& f) {
+  return lookup<c10::BFloat16, float>(f);
+}
+template <>
+SimdRangeFn<c10::Half, c10::Half> simd_range_kernel<c10::Half, c10::Half>(const SimdKernelFlags& f) {
+  return lookup<c10::Half, c10::Half>(f);
+}
+template <>
+SimdRangeFn<c10::Half, float> simd_range_kernel<c10::Half, float>(const SimdKernelFlags& f) {
+  return lookup<c10::Half, float>(f);
+}
+
+}  // namespace cpu
+}  // namespace rmsprop_fused

@@ -1,0 +1,49 @@
+// The CPU step's loop for 16-bit params written with AVX-512 lanes (rmsprop_cpu_avx512.cpp),
+// declared without the instructions it uses: cpu_kernel.h takes it where the CPU has them.
+#pragma once
+
+#include <cstdint>
+
+#include "../element_codec.h"
+
+namespace rmsprop_fused {
+
+template <typename opmath_t>
+struct StepScalars;
+
+namespace cpu {
+
+// What a loop instantiation is specialised on (cpu_kernel.h Kernel, less what this loop lacks:
+// stochastic rounding and 8-bit state stay with the compiler-vectorised loops).
+struct SimdKernelFlags {
+  bool centered;
+  bool momentum;
+  bool unscale_grad;
+  bool extended;
+  bool variance_state;
+};
+
+// Elements [begin, end) of one tensor: params, grads, square_avgs, grad_avgs, momentum_buffers.
+template <typename param_t, typename state_t>
+using SimdRangeFn = void (*)(typename ElementCodec<param_t>::storage_t*,
+                             typename ElementCodec<param_t>::storage_t*,
+                             typename ElementCodec<state_t>::storage_t*,
+                             typename ElementCodec<state_t>::storage_t*,
+                             typename ElementCodec<state_t>::storage_t*, int64_t, int64_t,
+                             const StepScalars<float>&);
+
+// "avx512-bf16" where the build has the AVX-512 loops and this CPU runs them (AVX-512 F/BW/VL/DQ
+// and BF16, the registers saved by the OS), else "".
+const char* simd_kernels_isa();
+// Whether the step uses them: where they run, unless set_simd_kernels_enabled(false) (the tests
+// compare both loops); returns the previous setting.
+bool simd_kernels_available();
+bool set_simd_kernels_enabled(bool enabled);
+
+// The loop for a (param, state) pair of c10::BFloat16 / c10::Half params and the same 16-bit or
+// float state; call only where simd_kernels_available().
+template <typename param_t, typename state_t>
+SimdRangeFn<param_t, state_t> simd_range_kernel(const SimdKernelFlags& flags);
+
+}  // namespace cpu
+}  // namespace rmsprop_fused

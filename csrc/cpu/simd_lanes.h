@@ -1,0 +1,173 @@
+// Sixteen float32 lanes of an AVX-512 register as an arithmetic type, so that rmsprop_update
+// (rmsprop_update.h), written once for every backend, runs on them unchanged: each operator is
+// one IEEE operation per lane (vaddps, vmulps, vdivps, vsqrtps: correctly rounded, like the
+// scalar code; FMA contraction is off), comparisons give lane masks, `where` blends on them, and
+// conditions of an option (select, apply_if) are branches, the same for every lane.
+// With the codecs below (loads and stores of float32, bfloat16 and float16 lanes, with the
+// conversion instructions) this is the CPU step of rmsprop_cpu_avx512.cpp for 16-bit params.
+//
+// Include only under `#pragma GCC target` with AVX-512 F/BW/VL/DQ and BF16 (that file): every
+// function here is inline and uses those instructions.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "../element_codec.h"
+
+namespace rmsprop_fused {
+namespace cpu {
+namespace simd {
+
+struct Mask16 {
+  __mmask16 bits;
+};
+
+inline __attribute__((always_inline)) Mask16 operator&&(Mask16 a, Mask16 b) {
+  return {static_cast<__mmask16>(a.bits & b.bits)};
+}
+
+struct Lanes16 {
+  __m512 v;
+  Lanes16() = default;
+  explicit Lanes16(__m512 x) : v(x) {}
+  explicit Lanes16(float x) : v(_mm512_set1_ps(x)) {}
+};
+
+#define RMSPROP_LANES_INLINE inline __attribute__((always_inline))
+
+RMSPROP_LANES_INLINE Lanes16 operator+(Lanes16 a, Lanes16 b) { return Lanes16(_mm512_add_ps(a.v, b.v)); }
+RMSPROP_LANES_INLINE Lanes16 operator-(Lanes16 a, Lanes16 b) { return Lanes16(_mm512_sub_ps(a.v, b.v)); }
+RMSPROP_LANES_INLINE Lanes16 operator*(Lanes16 a, Lanes16 b) { return Lanes16(_mm512_mul_ps(a.v, b.v)); }
+RMSPROP_LANES_INLINE Lanes16 operator/(Lanes16 a, Lanes16 b) { return Lanes16(_mm512_div_ps(a.v, b.v)); }
+// -x flips the sign bit, NaN included, as the scalar negation does
+RMSPROP_LANES_INLINE Lanes16 operator-(Lanes16 a) {
+  return Lanes16(_mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN))));
+}
+// ordered comparisons: false where either side is NaN, as in C++
+RMSPROP_LANES_INLINE Mask16 operator<(Lanes16 a, Lanes16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+RMSPROP_LANES_INLINE Mask16 operator>(Lanes16 a, Lanes16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+RMSPROP_LANES_INLINE Mask16 operator==(Lanes16 a, Lanes16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ)}; }
+
+RMSPROP_LANES_INLINE Lanes16 where(Mask16 cond, Lanes16 a, Lanes16 b) {
+  return Lanes16(_mm512_mask_blend_ps(cond.bits, b.v, a.v));
+}
+// a blend on a mask of all or no lanes (GCC turns `cond ? a : b` on these structs into a select
+// through memory)
+RMSPROP_LANES_INLINE Lanes16 select(bool cond, Lanes16 a, Lanes16 b) {
+  return Lanes16(_mm512_mask_blend_ps(static_cast<__mmask16>(-static_cast<int>(cond)), b.v, a.v));
+}
+template <typename F>
+RMSPROP_LANES_INLINE Lanes16 apply_if(bool cond, Lanes16 x, F&& f) {
+  return select(cond, f(x), x);
+}
+RMSPROP_LANES_INLINE Lanes16 square_root(Lanes16 x) { return Lanes16(_mm512_sqrt_ps(x.v)); }
+
+// Loads and stores of up to 16 consecutive elements (the lanes of `mask`; the others load 0 and
+// are not stored), with the bits of ElementCodec<T> (element_codec.h).
+template <typename T>
+struct LaneCodec;
+
+template <>
+struct LaneCodec<float> {
+  using storage_t = float;
+  static RMSPROP_LANES_INLINE Lanes16 load(const float* p, __mmask16 mask) {
+    return Lanes16(_mm512_maskz_loadu_ps(mask, p));
+  }
+  static RMSPROP_LANES_INLINE void store(float* p, Lanes16 x, __mmask16 mask) {
+    _mm512_mask_storeu_ps(p, mask, x.v);
+  }
+  static RMSPROP_LANES_INLINE void store_pair(float* p, Lanes16 low, Lanes16 high) {
+    _mm512_storeu_ps(p, low.v);
+    _mm512_storeu_ps(p + 16, high.v);
+  }
+};
+
+// vcvtneps2bf16 rounds to nearest even as the codec does, but treats subnormal inputs as zero and
+// keeps a NaN's payload: a vector that holds either (vfpclassps) is rounded as the codec does.
+template <>
+struct LaneCodec<c10::BFloat16> {
+  using storage_t = uint16_t;
+  static RMSPROP_LANES_INLINE Lanes16 load(const uint16_t* p, __mmask16 mask) {
+    const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return Lanes16(_mm512_castsi512_ps(_mm512_slli_epi32(widened, 16)));
+  }
+  // vfpclassps: the lanes the instruction would round otherwise than the codec
+  static RMSPROP_LANES_INLINE __mmask16 not_for_the_instruction(Lanes16 x) {
+    constexpr int kQuietNan = 0x01, kSubnormal = 0x20, kSignallingNan = 0x80;
+    return _mm512_fpclass_ps_mask(x.v, kQuietNan | kSubnormal | kSignallingNan);
+  }
+  // the codec's rounding, in the low 16 bits of each 32-bit lane
+  static RMSPROP_LANES_INLINE __m512i codec_rounded(Lanes16 x) {
+    const __m512i u = _mm512_castps_si512(x.v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i nearest =
+        _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+    return _mm512_mask_blend_epi32(nan, nearest, _mm512_set1_epi32(ElementCodec<c10::BFloat16>::kQuietNaN));
+  }
+  static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
+    if (__builtin_expect(not_for_the_instruction(x) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(x.v);
+    return _mm512_cvtepi32_epi16(codec_rounded(x));
+  }
+  static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, rounded(x));
+  }
+  // 32 elements, a whole cache line when aligned, in one store
+  static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
+    _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(rounded(low)), rounded(high), 1));
+  }
+  // 32 elements as their even and odd ones: a bfloat16 is the top half of a float32, so the even
+  // elements of a 64-byte load are its 32-bit lanes shifted left, the odd ones the lanes masked
+  // (one instruction for 16 elements, where widening them in order takes two). Elementwise
+  // arithmetic does not mind the order, if every stream has it.
+  static RMSPROP_LANES_INLINE void load_interleaved(const uint16_t* p, Lanes16& even, Lanes16& odd) {
+    const __m512i pairs = _mm512_loadu_si512(p);
+    even = Lanes16(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)));
+    odd = Lanes16(_mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int32_t(0xFFFF0000u)))));
+  }
+  static RMSPROP_LANES_INLINE void store_interleaved(uint16_t* p, Lanes16 even, Lanes16 odd) {
+    __m512i pairs;
+    if (__builtin_expect((not_for_the_instruction(even) | not_for_the_instruction(odd)) == 0, 1)) {
+      // words 0-15 the even elements, 16-31 the odd ones, then back in order
+      const __m512i in_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      pairs = _mm512_permutexvar_epi16(in_order, (__m512i)_mm512_cvtne2ps_pbh(odd.v, even.v));
+    } else {
+      pairs = _mm512_or_si512(codec_rounded(even), _mm512_slli_epi32(codec_rounded(odd), 16));
+    }
+    _mm512_storeu_si512(p, pairs);
+  }
+};
+
+// vcvtps2ph rounds as the codec does, subnormals included, but keeps the top of a NaN's payload:
+// NaNs become sign | 0x7FC00000 first, which converts to the codec's sign | 0x7E00.
+template <>
+struct LaneCodec<c10::Half> {
+  using storage_t = uint16_t;
+  static RMSPROP_LANES_INLINE Lanes16 load(const uint16_t* p, __mmask16 mask) {
+    return Lanes16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
+  }
+  static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
+    const __m512i sign_and_quiet_nan = _mm512_or_si512(
+        _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN)),
+        _mm512_set1_epi32(0x7FC00000));
+    const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+    const __m512 y = _mm512_mask_mov_ps(x.v, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
+    return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, rounded(x));
+  }
+  static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
+    _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(rounded(low)), rounded(high), 1));
+  }
+};
+
+#undef RMSPROP_LANES_INLINE
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace rmsprop_fused
