@@ -44,6 +44,11 @@ struct RooflineVariant {
 template <typename param_t, typename state_t, bool kCentered, bool kMomentum>
 using RooflineKernel = Kernel<param_t, state_t, RooflineVariant<kCentered, kMomentum>, false, false>;
 
+// The streams as the compiler-vectorised loop moves them (not the AVX-512 loop of 16-bit params,
+// which runs rmsprop_update itself): what memory allows, with the fused step's threads and prefetch.
+template <typename param_t, typename state_t, bool kCentered, bool kMomentum>
+constexpr bool kHasSimdLoop<RooflineKernel<param_t, state_t, kCentered, kMomentum>> = false;
+
 template <typename opmath_t>
 inline uint64_t roofline_mask(const StepScalars<opmath_t>& s) {
   return s.lr != opmath_t(0) ? ~uint64_t(0) : uint64_t(0);
