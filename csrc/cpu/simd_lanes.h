@@ -151,11 +151,14 @@ struct LaneCodec<c10::Half> {
     return Lanes16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
   }
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
-    const __m512i sign_and_quiet_nan = _mm512_or_si512(
-        _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN)),
-        _mm512_set1_epi32(0x7FC00000));
     const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
-    const __m512 y = _mm512_mask_mov_ps(x.v, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
+    __m512 y = x.v;
+    if (__builtin_expect(nan != 0, 0)) {
+      const __m512i sign_and_quiet_nan = _mm512_or_si512(
+          _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN)),
+          _mm512_set1_epi32(0x7FC00000));
+      y = _mm512_mask_mov_ps(x.v, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
+    }
     return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
   static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
