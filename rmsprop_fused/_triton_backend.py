@@ -106,6 +106,7 @@ NUM_WARPS = 8
 MAX_REGISTERS = 255
 QUANT_BLOCK = _quantization.QUANT_BLOCK  # 8-bit state: one scale per 256 elements (a tile row)
 assert BLOCK_SIZE % QUANT_BLOCK == 0
+assert (1 << 32) % BLOCK_SIZE == 0  # a block's elements share the high word of their index
 
 # The pointer table: one row per tensor of the group. The width is fixed, whatever the options,
 # so that the kernel's column indices are compile-time constants; a column the options do not use
@@ -260,7 +261,12 @@ if triton is not None:
         down_magnitude_bits = down & 0x7FFF
         down_magnitude = _half_to_float(down_magnitude_bits)
         up_magnitude = tl.where(down_magnitude_bits == 0x7BFF, 65536.0, _half_to_float(down_magnitude_bits + 1))
-        fraction = tl.math.div_rn(magnitude - down_magnitude, up_magnitude - down_magnitude)
+        # the span is a power of two, so dividing by it is multiplying by its reciprocal, exactly
+        # (the fraction is in [0, 1) and far from subnormal): the same bits as the codec's
+        # division, without a division's registers
+        span_exponent = (up_magnitude - down_magnitude).to(tl.uint32, bitcast=True) & 0x7F800000
+        reciprocal = ((254 << 23) - span_exponent).to(tl.float32, bitcast=True)
+        fraction = (magnitude - down_magnitude) * reciprocal
         round_up = (random >> 8).to(tl.float32) < fraction * 16777216.0
         rounded = tl.where(round_up, down + 1, down)
         # NaN and inf: what nearest rounding gives (canonical NaN; inf stays inf)
@@ -309,9 +315,12 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _random_bits(key, index):
-        """rmsprop_update.h random_bits: the bits of elements `index` (int64) of a stream."""
-        return _mix32(index.to(tl.uint32) ^ tl.add(key, (index >> 32).to(tl.uint32), sanitize_overflow=False))
+    def _random_bits(block_key, index_low):
+        """rmsprop_update.h random_bits of elements `index` of a stream, mix32(low(index) ^ (key +
+        high(index))), given the stream's key plus the block's high word (_update_block) and the
+        low words: 32-bit lanes, where int64 indices held two registers an element through the
+        stores."""
+        return _mix32(index_low ^ block_key)
 
     @triton.jit
     def _store(pointers, value, mask, key, index, FORMAT: tl.constexpr, STOCHASTIC: tl.constexpr):
@@ -522,7 +531,14 @@ if triton is not None:
         VARIANCE_FORM: tl.constexpr = CENTERED and STATE != tl.float16
         p, grad, v, m, b = _rmsprop_update(p, grad, v, m, b, s, CENTERED, MOMENTUM, UNSCALE_GRAD, VARIANCE_FORM)
 
-        index = start + lanes  # the element's index in its tensor: its random bits
+        # The elements' indices in their tensor (their random bits). A block starts at a multiple
+        # of BLOCK_SIZE, which divides 2**32, so its elements share the high word of their index.
+        index = start.to(tl.uint32) + lanes.to(tl.uint32)
+        high = (start >> 32).to(tl.uint32)
+        keys = RoundingKeys(tl.add(keys.param, high, sanitize_overflow=False),
+                            tl.add(keys.square_avg, high, sanitize_overflow=False),
+                            tl.add(keys.grad_avg, high, sanitize_overflow=False),
+                            tl.add(keys.momentum_buffer, high, sanitize_overflow=False))
         _store(param_ptrs, p, mask, keys.param, index, PARAM, STOCHASTIC)
         _store_state(v_ptrs, v_scale_ptrs, v, mask, row_mask, unsigned_map, keys.square_avg, index,
                      STATE, STOCHASTIC)

@@ -307,23 +307,14 @@ def test_aligned_path_uses_16_byte_loads_and_stores(compiled):
             assert record["v2_loads"] >= states and record["v2_stores"] >= states, label
 
 
-# A known defect, to be fixed rather than grown: fp16 params with fp16 state, centered + momentum,
-# AMP and stochastic rounding, for sm_90, needs more than 255 registers since the variance form
-# went into the update (csrc/rmsprop_update.h) and ptxas puts 48-56 bytes on the stack. Only that
-# variant may, and only that much.
-_KNOWN_SPILL = (dict(param="float16", state="float16", centered=True, momentum=True, unscale=True, stochastic=True), 90)
-_KNOWN_SPILL_MAX_BYTES = 64
-
-
 def test_no_local_memory(compiled):
-    """No spills, no stack frame: everything in registers (their counts are in the table); the one
-    known exception above keeps within its bound."""
+    """No spills, no stack frame: everything in registers (their counts are in the table). The
+    heaviest variant (fp16 params and state, centered + momentum, AMP, stochastic rounding) needs
+    about 253 of the 255 on sm_90: _half_stochastic multiplies by the exact reciprocal of its
+    power-of-two span instead of dividing, and random bits take 32-bit indices."""
     for record in compiled["records"]:
         label = f"{record['variant']} sm_{record['arch']} ({record['registers']} registers)"
         assert record["local_in_ptx"] == 0, label
-        if (record["variant"], record["arch"]) == _KNOWN_SPILL:
-            assert record["stack"] <= _KNOWN_SPILL_MAX_BYTES and record["local"] <= _KNOWN_SPILL_MAX_BYTES, label
-            continue
         assert record["stack"] == 0 and record["local"] == 0, label
 
 
