@@ -2,7 +2,7 @@
 // (rmsprop_update.h), written once for every backend, runs on them unchanged: each operator is
 // one IEEE operation per lane (vaddps, vmulps, vdivps, vsqrtps: correctly rounded, like the
 // scalar code; FMA contraction is off), comparisons give lane masks, `where` blends on them, and
-// conditions of an option (select, apply_if) are branches, the same for every lane.
+// conditions of an option (select, apply_if) blend on a mask of all lanes or none.
 // With the codecs below (loads and stores of float32, bfloat16 and float16 lanes, with the
 // conversion instructions) this is the CPU step of rmsprop_cpu_avx512.cpp for 16-bit params.
 //
@@ -85,10 +85,23 @@ struct LaneCodec<float> {
   }
 };
 
+// The stores of a 16-bit codec, from its `rounded` (sixteen lanes to sixteen 16-bit values).
+template <class Codec>
+struct SixteenBitStores {
+  static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, Codec::rounded(x));
+  }
+  // 32 elements, a whole cache line when aligned, in one store
+  static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
+    _mm512_storeu_si512(
+        p, _mm512_inserti64x4(_mm512_castsi256_si512(Codec::rounded(low)), Codec::rounded(high), 1));
+  }
+};
+
 // vcvtneps2bf16 rounds to nearest even as the codec does, but treats subnormal inputs as zero and
 // keeps a NaN's payload: a vector that holds either (vfpclassps) is rounded as the codec does.
 template <>
-struct LaneCodec<c10::BFloat16> {
+struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
   using storage_t = uint16_t;
   static RMSPROP_LANES_INLINE Lanes16 load(const uint16_t* p, __mmask16 mask) {
     const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
@@ -111,13 +124,6 @@ struct LaneCodec<c10::BFloat16> {
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
     if (__builtin_expect(not_for_the_instruction(x) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(x.v);
     return _mm512_cvtepi32_epi16(codec_rounded(x));
-  }
-  static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
-    _mm256_mask_storeu_epi16(p, mask, rounded(x));
-  }
-  // 32 elements, a whole cache line when aligned, in one store
-  static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
-    _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(rounded(low)), rounded(high), 1));
   }
   // 32 elements as their even and odd ones: a bfloat16 is the top half of a float32, so the even
   // elements of a 64-byte load are its 32-bit lanes shifted left, the odd ones the lanes masked
@@ -145,7 +151,7 @@ struct LaneCodec<c10::BFloat16> {
 // vcvtps2ph rounds as the codec does, subnormals included, but keeps the top of a NaN's payload:
 // NaNs become sign | 0x7FC00000 first, which converts to the codec's sign | 0x7E00.
 template <>
-struct LaneCodec<c10::Half> {
+struct LaneCodec<c10::Half> : SixteenBitStores<LaneCodec<c10::Half>> {
   using storage_t = uint16_t;
   static RMSPROP_LANES_INLINE Lanes16 load(const uint16_t* p, __mmask16 mask) {
     return Lanes16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
@@ -160,12 +166,6 @@ struct LaneCodec<c10::Half> {
       y = _mm512_mask_mov_ps(x.v, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
     }
     return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
-    _mm256_mask_storeu_epi16(p, mask, rounded(x));
-  }
-  static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
-    _mm512_storeu_si512(p, _mm512_inserti64x4(_mm512_castsi256_si512(rounded(low)), rounded(high), 1));
   }
 };
 
