@@ -85,7 +85,9 @@ struct LaneCodec<float> {
   }
 };
 
-// The stores of a 16-bit codec, from its `rounded` (sixteen lanes to sixteen 16-bit values).
+// The stores of a 16-bit codec, from its `rounded` (sixteen lanes to sixteen 16-bit values) and
+// `rounded_pair` (thirty-two: low's, then high's, with one check for both vectors of what the
+// instruction would round otherwise than the codec).
 template <class Codec>
 struct SixteenBitStores {
   static RMSPROP_LANES_INLINE void store(uint16_t* p, Lanes16 x, __mmask16 mask) {
@@ -93,10 +95,13 @@ struct SixteenBitStores {
   }
   // 32 elements, a whole cache line when aligned, in one store
   static RMSPROP_LANES_INLINE void store_pair(uint16_t* p, Lanes16 low, Lanes16 high) {
-    _mm512_storeu_si512(
-        p, _mm512_inserti64x4(_mm512_castsi256_si512(Codec::rounded(low)), Codec::rounded(high), 1));
+    _mm512_storeu_si512(p, Codec::rounded_pair(low, high));
   }
 };
+
+RMSPROP_LANES_INLINE __m512i concatenated(__m256i low, __m256i high) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
 
 // vcvtneps2bf16 rounds to nearest even as the codec does, but treats subnormal inputs as zero and
 // keeps a NaN's payload: a vector that holds either (vfpclassps) is rounded as the codec does.
@@ -125,6 +130,12 @@ struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
     if (__builtin_expect(not_for_the_instruction(x) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(x.v);
     return _mm512_cvtepi32_epi16(codec_rounded(x));
   }
+  static RMSPROP_LANES_INLINE __m512i rounded_pair(Lanes16 low, Lanes16 high) {
+    if (__builtin_expect((not_for_the_instruction(low) | not_for_the_instruction(high)) == 0, 1)) {
+      return (__m512i)_mm512_cvtne2ps_pbh(high.v, low.v);
+    }
+    return concatenated(_mm512_cvtepi32_epi16(codec_rounded(low)), _mm512_cvtepi32_epi16(codec_rounded(high)));
+  }
   // 32 elements as their even and odd ones: a bfloat16 is the top half of a float32, so the even
   // elements of a 64-byte load are its 32-bit lanes shifted left, the odd ones the lanes masked
   // (one instruction for 16 elements, where widening them in order takes two). Elementwise
@@ -135,16 +146,10 @@ struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
     odd = Lanes16(_mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int32_t(0xFFFF0000u)))));
   }
   static RMSPROP_LANES_INLINE void store_interleaved(uint16_t* p, Lanes16 even, Lanes16 odd) {
-    __m512i pairs;
-    if (__builtin_expect((not_for_the_instruction(even) | not_for_the_instruction(odd)) == 0, 1)) {
-      // words 0-15 the even elements, 16-31 the odd ones, then back in order
-      const __m512i in_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-      pairs = _mm512_permutexvar_epi16(in_order, (__m512i)_mm512_cvtne2ps_pbh(odd.v, even.v));
-    } else {
-      pairs = _mm512_or_si512(codec_rounded(even), _mm512_slli_epi32(codec_rounded(odd), 16));
-    }
-    _mm512_storeu_si512(p, pairs);
+    // words 0-15 the even elements, 16-31 the odd ones, then back in order
+    const __m512i in_order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(in_order, rounded_pair(even, odd)));
   }
 };
 
@@ -156,16 +161,26 @@ struct LaneCodec<c10::Half> : SixteenBitStores<LaneCodec<c10::Half>> {
   static RMSPROP_LANES_INLINE Lanes16 load(const uint16_t* p, __mmask16 mask) {
     return Lanes16(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)));
   }
+  static RMSPROP_LANES_INLINE __m256i converted(__m512 x) {
+    return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static RMSPROP_LANES_INLINE __m512 with_canonical_nans(__m512 x) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512i sign_and_quiet_nan = _mm512_or_si512(
+        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)), _mm512_set1_epi32(0x7FC00000));
+    return _mm512_mask_mov_ps(x, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
+  }
+  // NaNs are made canonical only in a vector that has one (a branch, not a blend in every store)
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
-    const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
-    __m512 y = x.v;
-    if (__builtin_expect(nan != 0, 0)) {
-      const __m512i sign_and_quiet_nan = _mm512_or_si512(
-          _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN)),
-          _mm512_set1_epi32(0x7FC00000));
-      y = _mm512_mask_mov_ps(x.v, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
+    if (__builtin_expect(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) == 0, 1)) return converted(x.v);
+    return converted(with_canonical_nans(x.v));
+  }
+  // an unordered comparison of the two vectors finds a NaN in either
+  static RMSPROP_LANES_INLINE __m512i rounded_pair(Lanes16 low, Lanes16 high) {
+    if (__builtin_expect(_mm512_cmp_ps_mask(low.v, high.v, _CMP_UNORD_Q) == 0, 1)) {
+      return concatenated(converted(low.v), converted(high.v));
     }
-    return _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return concatenated(converted(with_canonical_nans(low.v)), converted(with_canonical_nans(high.v)));
   }
 };
 
