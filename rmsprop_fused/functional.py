@@ -65,6 +65,10 @@ def _dtensor_type():
 _DTensor = _dtensor_type() if torch.distributed.is_available() else None
 
 
+# float and int pass the type checks below without numbers.Real's isinstance (an ABC's, about 1 us)
+_BUILTIN_REALS = (float, int)
+
+
 def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_scale=0.0, nesterov=False,
                           bias_correction=False, check_tensor_lr=False):
     """torch.optim.RMSprop's checks and messages (NaN fails them too: `not 0.0 <= nan`), and
@@ -79,7 +83,7 @@ def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_sca
         readable = check_tensor_lr or (lr.device.type == "cpu" and not torch.compiler.is_compiling())
         if readable and not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
-    elif not isinstance(lr, numbers.Real):
+    elif type(lr) not in _BUILTIN_REALS and not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a float or a 1-element tensor, got {type(lr).__name__}")
     elif not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
@@ -90,7 +94,7 @@ def check_hyperparameters(lr, alpha, eps, weight_decay, momentum, *, initial_sca
         ("alpha", alpha, "alpha value"),
         ("initial_scale", initial_scale, "initial_scale value"),
     ):
-        if isinstance(value, Tensor) or not isinstance(value, numbers.Real):
+        if type(value) not in _BUILTIN_REALS and (isinstance(value, Tensor) or not isinstance(value, numbers.Real)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if not 0.0 <= value:
             raise ValueError(f"Invalid {label}: {value}")
