@@ -261,7 +261,7 @@ def _update_loop_functions():
 
 
 _CPP_TYPES = {"double": torch.float64, "float": torch.float32, "c10::Half": torch.float16,
-              "c10::BFloat16": torch.bfloat16, "rmsprop_fused::cpu::Blockwise8": torch.uint8}
+              "c10::BFloat16": torch.bfloat16, "rmsprop_fused::Blockwise8": torch.uint8}
 
 
 def _instantiation(name: str) -> tuple:

@@ -29,7 +29,7 @@ COUNTER_KERNEL = "step_counter_kernel"
 # the param's own type, and names c10 by a substitution when the param is c10's too.
 TYPE = r"f|d|N3c104HalfE|N3c108BFloat16E"
 LAUNCH_ARGS = re.compile(
-    rf"KernelI({TYPE})({TYPE}|NS\d*_8BFloat16E|NS\d*_4HalfE|NS0_10Blockwise8E|S\d*_)"
+    rf"KernelI({TYPE})({TYPE}|NS\d*_8BFloat16E|NS\d*_4HalfE|NS\d*_10Blockwise8E|S\d*_)"
     r"NS_13UpdateVariantILb([01])ELb([01])ELb([01])ELb([01])EEEEELl(\d+)E"
 )
 COUNTER_ARGS = re.compile(r"StepCounterArgsILl(\d+)E")

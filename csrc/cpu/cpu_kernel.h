@@ -24,6 +24,7 @@
 #include "../element_codec.h"
 #include "../step_args.h"
 #include "../rmsprop_update.h"
+#include "../state_pairs.h"
 #include "half_tiles.h"
 #include "prefetch.h"
 #include "simd_kernel.h"
@@ -52,9 +53,6 @@ inline void prefetch_ahead(const storage_t* stream, int64_t i) {
   __builtin_prefetch(stream + i + kPrefetchBytes / int64_t(sizeof(storage_t)), /*rw=*/0,
                      /*locality=*/3);
 }
-
-// Marks the state of a call as 8-bit blockwise (uint8 codes and float32 scales).
-struct Blockwise8 {};
 
 // Everything a loop instantiation is specialised on.
 template <typename param_t, typename state_t, class Variant_, bool kStochastic_,
@@ -422,21 +420,6 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
       }
     }
   });
-}
-
-// Whether a (param, state) pair stores any 16-bit value (stochastic rounding has work).
-template <typename param_t, typename state_t>
-constexpr bool stores_16_bit() {
-  return std::is_same_v<param_t, c10::Half> || std::is_same_v<param_t, c10::BFloat16> ||
-         std::is_same_v<state_t, c10::BFloat16>;
-}
-
-// Variance state is asked for with state_dtype bfloat16 or "8bit"; the small tensors of an 8-bit
-// group keep it in float32.
-template <typename state_t>
-constexpr bool can_hold_variance_state() {
-  return std::is_same_v<state_t, c10::BFloat16> || std::is_same_v<state_t, Blockwise8> ||
-         std::is_same_v<state_t, float>;
 }
 
 // The step for one (param dtype, state dtype) pair: picks the instantiation for the options.

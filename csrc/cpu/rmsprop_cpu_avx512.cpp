@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../state_pairs.h"
 #include "prefetch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -180,8 +181,7 @@ template <typename param_t, typename state_t, unsigned kFlags>
 constexpr SimdRangeFn<param_t, state_t> loop_for_flags() {
   using V = UpdateVariant<(kFlags & 1) != 0, (kFlags & 2) != 0, (kFlags & 4) != 0, (kFlags & 8) != 0>;
   constexpr bool kVarianceState = (kFlags & 16) != 0;
-  // the variance is kept for centered state of bfloat16 or float32 (the pairs' state here)
-  if constexpr (kVarianceState && !(V::kCentered && V::kExtended && !std::is_same_v<state_t, c10::Half>)) {
+  if constexpr (kVarianceState && !(V::kCentered && V::kExtended && can_hold_variance_state<state_t>())) {
     return nullptr;
   } else {
     return &update_range_simd<param_t, state_t, V, kVarianceState>;

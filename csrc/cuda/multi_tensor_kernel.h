@@ -36,6 +36,7 @@
 #include "../blockwise_quant.h"
 #include "../element_codec.h"
 #include "../rmsprop_update.h"
+#include "../state_pairs.h"
 
 // Loops over the lanes of a vector must be unrolled on the device: a runtime index into a
 // per-thread array would put the array in local memory. tests/test_cuda_sass.py checks the
@@ -134,9 +135,6 @@ constexpr bool kLargeKernelParamsBuilt = true;
 // ---------------------------------------------------------------------------------------------
 // What a kernel instantiation is compiled for
 // ---------------------------------------------------------------------------------------------
-
-// Marks a call's state as 8-bit blockwise: uint8 codes plus a float32 scale per 256 elements.
-struct Blockwise8 {};
 
 // The compile-time facts of one kernel: the (param, state) storage pair and the UpdateVariant.
 // Stochastic rounding and variance state are run-time options of the kExtended instantiation

@@ -22,6 +22,7 @@
 
 #include "../rmsprop_update.h"
 #include "../step_args.h"
+#include "../state_pairs.h"
 #include "multi_tensor_kernel.h"
 
 namespace rmsprop_fused {
@@ -141,20 +142,6 @@ template <typename T>
 struct TypeTag {
   using type = T;
 };
-
-// Whether (param_t, state_t) is a pair of STATE_PAIRS (rmsprop_op.h is_supported_state_dtype).
-template <typename param_t, typename state_t>
-constexpr bool is_state_pair() {
-  constexpr bool sixteen_bit = std::is_same_v<param_t, c10::Half> ||
-                               std::is_same_v<param_t, c10::BFloat16>;
-  if constexpr (std::is_same_v<param_t, state_t>) return true;
-  if constexpr (std::is_same_v<state_t, float>) return sixteen_bit;
-  if constexpr (std::is_same_v<state_t, c10::BFloat16>) {
-    return std::is_same_v<param_t, float> || std::is_same_v<param_t, c10::Half>;
-  }
-  if constexpr (std::is_same_v<state_t, Blockwise8>) return !std::is_same_v<param_t, double>;
-  return false;
-}
 
 template <typename state_t>
 constexpr at::ScalarType state_scalar_type() {
