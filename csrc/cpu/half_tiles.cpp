@@ -11,6 +11,8 @@
 // it then warns about.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#include "half_nans.h"
 #endif
 
 namespace rmsprop_fused {
@@ -30,10 +32,7 @@ void floats_to_halves_portable(const float* __restrict__ floats, uint16_t* __res
 }
 
 #if defined(RMSPROP_CPU_HALF_TILES)
-// vcvtps2ph keeps the top of a NaN's payload; the codec's NaN is sign | 0x7E00, what it gives for
-// the float NaN sign | 0x7FC00000, so NaNs are replaced by that first.
-constexpr uint32_t kSignBit = 0x80000000u;
-constexpr uint32_t kQuietNan = 0x7FC00000u;
+// NaNs made the codec's first (half_nans.h)
 constexpr int kNearestEven = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 __attribute__((target("avx512f"))) void halves_to_floats_avx512(
@@ -48,14 +47,9 @@ __attribute__((target("avx512f"))) void halves_to_floats_avx512(
 
 __attribute__((target("avx512f"))) void floats_to_halves_avx512(
     const float* __restrict__ floats, uint16_t* __restrict__ halves, int64_t n) {
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(kSignBit));
-  const __m512i quiet_nan = _mm512_set1_epi32(static_cast<int>(kQuietNan));
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
-    const __m512 x = _mm512_loadu_ps(floats + k);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    const __m512i canonical = _mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(x), sign), quiet_nan);
-    const __m512 y = _mm512_mask_mov_ps(x, nan, _mm512_castsi512_ps(canonical));
+    const __m512 y = quiet_nans_for_vcvtps2ph(_mm512_loadu_ps(floats + k));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(halves + k), _mm512_cvtps_ph(y, kNearestEven));
   }
   floats_to_halves_portable(floats + k, halves + k, n - k);
@@ -73,13 +67,9 @@ __attribute__((target("avx,f16c"))) void halves_to_floats_f16c(
 
 __attribute__((target("avx,f16c"))) void floats_to_halves_f16c(
     const float* __restrict__ floats, uint16_t* __restrict__ halves, int64_t n) {
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kSignBit)));
-  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kQuietNan)));
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
-    const __m256 x = _mm256_loadu_ps(floats + k);
-    const __m256 canonical = _mm256_or_ps(_mm256_and_ps(x, sign), quiet_nan);
-    const __m256 y = _mm256_blendv_ps(x, canonical, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m256 y = quiet_nans_for_vcvtps2ph(_mm256_loadu_ps(floats + k));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(halves + k), _mm256_cvtps_ph(y, kNearestEven));
   }
   floats_to_halves_portable(floats + k, halves + k, n - k);

@@ -33,6 +33,8 @@
 // GCC 12's own conversion intrinsics start from an undefined vector that it then warns about.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+
+#include "half_nans.h"
 #endif
 
 namespace rmsprop_fused {

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../element_codec.h"
+#include "half_nans.h"
 
 namespace rmsprop_fused {
 namespace cpu {
@@ -153,8 +154,7 @@ struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
   }
 };
 
-// vcvtps2ph rounds as the codec does, subnormals included, but keeps the top of a NaN's payload:
-// NaNs become sign | 0x7FC00000 first, which converts to the codec's sign | 0x7E00.
+// vcvtps2ph rounds as the codec does, subnormals included, once NaNs are the codec's (half_nans.h).
 template <>
 struct LaneCodec<c10::Half> : SixteenBitStores<LaneCodec<c10::Half>> {
   using storage_t = uint16_t;
@@ -164,23 +164,17 @@ struct LaneCodec<c10::Half> : SixteenBitStores<LaneCodec<c10::Half>> {
   static RMSPROP_LANES_INLINE __m256i converted(__m512 x) {
     return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  static RMSPROP_LANES_INLINE __m512 with_canonical_nans(__m512 x) {
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    const __m512i sign_and_quiet_nan = _mm512_or_si512(
-        _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)), _mm512_set1_epi32(0x7FC00000));
-    return _mm512_mask_mov_ps(x, nan, _mm512_castsi512_ps(sign_and_quiet_nan));
-  }
   // NaNs are made canonical only in a vector that has one (a branch, not a blend in every store)
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
     if (__builtin_expect(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) == 0, 1)) return converted(x.v);
-    return converted(with_canonical_nans(x.v));
+    return converted(quiet_nans_for_vcvtps2ph(x.v));
   }
   // an unordered comparison of the two vectors finds a NaN in either
   static RMSPROP_LANES_INLINE __m512i rounded_pair(Lanes16 low, Lanes16 high) {
     if (__builtin_expect(_mm512_cmp_ps_mask(low.v, high.v, _CMP_UNORD_Q) == 0, 1)) {
       return concatenated(converted(low.v), converted(high.v));
     }
-    return concatenated(converted(with_canonical_nans(low.v)), converted(with_canonical_nans(high.v)));
+    return concatenated(converted(quiet_nans_for_vcvtps2ph(low.v)), converted(quiet_nans_for_vcvtps2ph(high.v)));
   }
 };
 
