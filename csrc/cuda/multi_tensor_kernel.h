@@ -150,9 +150,7 @@ struct Kernel {
   using S = std::conditional_t<kQuantized, uint8_t, typename StateCodec::storage_t>;
   using opmath_t = at::opmath_type<param_t>;
   using Variant = Variant_;
-  static constexpr bool kStochastic =
-      Variant::kExtended && (ParamCodec::kRoundsStochastically ||
-                             (!kQuantized && StateCodec::kRoundsStochastically));
+  static constexpr bool kStochastic = Variant::kExtended && stores_16_bit<param_t, state_t>();
   static constexpr bool kVarianceState = Variant::kExtended && Variant::kCentered;
   // Elements per vector: 16 bytes of the param.
   static constexpr int kLanes = static_cast<int>(kVectorBytes / sizeof(P));
