@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 
 import torch
@@ -123,8 +124,9 @@ def make_lists(sizes, dtype, device="cpu", *, centered=False, momentum=0.0, seed
 
 
 def fresh_seed() -> int:
-    """A new seed for every test run; printed, so a failing run shows it (pytest's captured stdout)."""
-    seed = random.randrange(2**31)
+    """A new seed for every test run, or RMSPROP_FUSED_TEST_SEED's to rerun a failure; printed, so
+    a failing run shows it (pytest's captured stdout)."""
+    seed = int(os.environ.get("RMSPROP_FUSED_TEST_SEED") or random.randrange(2**31))
     print(f"seed={seed}")
     return seed
 

@@ -167,7 +167,9 @@ def test_8bit_state_after_50_steps_is_close_to_float32_state(centered, momentum)
     (alpha = 0.9): the median must stay within one quantization's bound and the 99th percentile
     within three. A step's update then differs by about half the error of square_avg (the
     update divides by its root) and by the error of the momentum buffer: a few percent, so the
-    params part by at most a tenth of how far they moved, on average and at the worst element."""
+    params part by at most a tenth of how far they moved, on average and at all but the worst
+    0.1% of elements. The worst of 65,536 has a heavy tail (1,150 seeds: up to 0.078 of the largest
+    move, the extreme-value fit putting 1e-4 of runs past 0.1): it is held within a quarter."""
     seed = fresh_seed()
     full = _run_50_steps(torch.float32, centered, momentum, seed)
     eight = _run_50_steps(torch.uint8, centered, momentum, seed)
@@ -188,8 +190,10 @@ def test_8bit_state_after_50_steps_is_close_to_float32_state(centered, momentum)
     start = make_lists([1 << 16], torch.float32, centered=centered, momentum=momentum, steps=True, seed=seed)["params"][0]
     moved = (full["params"][0] - start).abs()
     drift = (eight["params"][0] - full["params"][0]).abs()
-    assert float(drift.mean()) <= 0.1 * float(moved.mean()) and float(drift.max()) <= 0.1 * float(moved.max()), (
-        float(drift.mean()), float(moved.mean()), float(drift.max()), float(moved.max()))
+    p999 = float(drift.quantile(0.999))
+    assert float(drift.mean()) <= 0.1 * float(moved.mean()), (float(drift.mean()), float(moved.mean()))
+    assert p999 <= 0.1 * float(moved.max()) and float(drift.max()) <= 0.25 * float(moved.max()), (
+        p999, float(drift.max()), float(moved.max()))
 
 
 # ---------------------------------------------------------------------- stochastic rounding
