@@ -34,7 +34,7 @@ struct StepScalars {
   opmath_t one_minus_alpha;   // rounded once from double, as torch passes `1 - alpha`
   opmath_t lerp_one_minus_w;  // opmath(1) - one_minus_alpha, torch's lerp for large weights
   opmath_t eps_inside_root;   // eps when eps_in_sqrt, else 0 (x + 0 == x exactly)
-  opmath_t eps_outside_root;  // 0 when eps_in_sqrt, else eps
+  opmath_t eps_outside_root;  // 0 when eps_in_sqrt, else eps (+0 for an eps of -0.0)
   opmath_t weight_decay;
   opmath_t momentum;
   opmath_t grad_scale;        // AMP: grads are divided by it (kernels built with kUnscaleGrad)
@@ -50,11 +50,14 @@ struct StepScalars {
   bool nesterov;
   bool use_bias_correction;
   bool clip;
-  // Whether the options above that have a cost per element are all off: kernels then run their
-  // kExtended = false instantiation, with that code compiled out.
+  // Whether the step is torch's common one: the options above that have a cost per element all
+  // off, eps outside the root, lr applied to the param, and lerp's formula for weights under 0.5
+  // (alpha > 0.5). Kernels then run their kExtended = false instantiation, with the rest compiled
+  // out (rmsprop_update: the same bits, an operation or a blend fewer where each is dropped).
   RMSPROP_HOST_DEVICE bool plain() const {
     return !maximize && !coupled_weight_decay && !decoupled_weight_decay && !nesterov &&
-           !use_bias_correction && !clip;
+           !use_bias_correction && !clip && eps_inside_root == opmath_t(0) && !lr_in_momentum &&
+           lerp_weight_small;
   }
 };
 
@@ -108,7 +111,9 @@ inline StepScalars<opmath_t> make_step_scalars(double lr, double alpha, double e
   s.lerp_one_minus_w = opmath_t(1) - s.one_minus_alpha;
   s.lerp_weight_small = std::abs(s.one_minus_alpha) < opmath_t(0.5);
   s.eps_inside_root = eps_in_sqrt ? static_cast<opmath_t>(eps) : opmath_t(0);
-  s.eps_outside_root = eps_in_sqrt ? opmath_t(0) : static_cast<opmath_t>(eps);
+  // An eps of -0.0 is +0 here: sqrt(var) + eps then equals sqrt(var + 0) + eps also at var = -0,
+  // which lets the plain kernels drop the + 0 inside the root.
+  s.eps_outside_root = eps_in_sqrt || eps == 0.0 ? opmath_t(0) : static_cast<opmath_t>(eps);
   s.weight_decay = static_cast<opmath_t>(weight_decay);
   s.momentum = static_cast<opmath_t>(momentum);
   s.grad_scale = opmath_t(1);
@@ -180,6 +185,14 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T apply_if(bool cond, T x, F&& f) {
 template <typename T>
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T where(bool cond, T a, T b) {
   return cond ? a : b;
+}
+
+// fix(x), for a correction that only a NaN of x can need (fix must return x wherever x is a
+// number): the CPU's SIMD lanes overload it to skip fix when no lane is NaN, a branch in place
+// of the compares and blend of every vector.
+template <typename T, typename F>
+RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE T repair_nans(T x, F&& fix) {
+  return fix(x);
 }
 
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float square_root(float x) { return ::sqrtf(x); }
@@ -306,9 +319,13 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
   T v = square_avg;
   T m = T(0);
   if constexpr (Variant::kCentered) {
-    // grad_avg.lerp_(g, 1 - alpha), with torch's two-sided formula
-    grad_avg = select(s.lerp_weight_small, grad_avg + s.one_minus_alpha * (g - grad_avg),
-                      g - (g - grad_avg) * s.lerp_one_minus_w);
+    // grad_avg.lerp_(g, 1 - alpha), with torch's two-sided formula (plain steps: the first)
+    const T small_weight_lerp = grad_avg + s.one_minus_alpha * (g - grad_avg);
+    if constexpr (Variant::kExtended) {
+      grad_avg = select(s.lerp_weight_small, small_weight_lerp, g - (g - grad_avg) * s.lerp_one_minus_w);
+    } else {
+      grad_avg = small_weight_lerp;
+    }
     m = grad_avg;
   }
   if constexpr (Variant::kExtended) {
@@ -330,12 +347,18 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     // square_avg.addcmul(grad_avg, grad_avg, value=-1). torch computes it as one fused
     // multiply-add (its AVX2/AVX-512 and CUDA kernels), so +inf - m*m stays +inf for a finite m
     // even where m*m overflows; two roundings would give inf - inf = NaN. Finite results are the
-    // same either way.
-    const T inf = static_cast<T>(INFINITY);
-    const auto finite_m = m < inf && m > -inf;  // false for NaN too
-    var = where(v == inf && finite_m, v, v - m * m);
+    // same either way, so only a NaN difference needs the check.
+    var = repair_nans(v - m * m, [&](T difference) {
+      const T inf = static_cast<T>(INFINITY);
+      const auto finite_m = m < inf && m > -inf;  // false for NaN too
+      return where(v == inf && finite_m, v, difference);
+    });
   }
-  const T denom = square_root(var + s.eps_inside_root) + s.eps_outside_root;
+  // Plain steps leave out the + eps_inside_root, 0 there: the root of var + 0 and of var differ
+  // only at var = -0 (+0 and -0), and adding eps_outside_root, never -0, makes both the same.
+  T radicand = var;
+  if constexpr (Variant::kExtended) radicand = var + s.eps_inside_root;
+  const T denom = square_root(radicand) + s.eps_outside_root;
 
   if constexpr (Variant::kMomentum) {
     // torch: buf.mul_(momentum).addcdiv_(g, denom); param.add_(buf, alpha=-lr)
@@ -343,7 +366,9 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE void rmsprop_update(T& param, T& grad, 
     // Nesterov (torch SGD, optax trace): the step is u + momentum * buf instead of buf
     const T lr_into_buffer = s.lr_in_momentum ? s.lr : T(1);
     const T lr_onto_param = s.lr_in_momentum ? T(1) : s.lr;
-    const T u = (lr_into_buffer * g) / denom;
+    T numerator = g;  // plain steps: lr_into_buffer is 1, and 1 * g is g
+    if constexpr (Variant::kExtended) numerator = lr_into_buffer * g;
+    const T u = numerator / denom;
     momentum_buffer = momentum_buffer * s.momentum;
     momentum_buffer = momentum_buffer + u;
     T direction = momentum_buffer;

@@ -65,6 +65,12 @@ RMSPROP_LANES_INLINE Lanes16 apply_if(bool cond, Lanes16 x, F&& f) {
   return select(cond, f(x), x);
 }
 RMSPROP_LANES_INLINE Lanes16 square_root(Lanes16 x) { return Lanes16(_mm512_sqrt_ps(x.v)); }
+// rmsprop_update.h's repair_nans: fix only for a vector with a NaN lane (one compare and a branch)
+template <typename F>
+RMSPROP_LANES_INLINE Lanes16 repair_nans(Lanes16 x, F&& fix) {
+  if (__builtin_expect(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) == 0, 1)) return x;
+  return fix(x);
+}
 
 // Loads and stores of up to 16 consecutive elements (the lanes of `mask`; the others load 0 and
 // are not stored), with the bits of ElementCodec<T> (element_codec.h).
@@ -132,7 +138,8 @@ struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
     return _mm512_cvtepi32_epi16(codec_rounded(x));
   }
   static RMSPROP_LANES_INLINE __m512i rounded_pair(Lanes16 low, Lanes16 high) {
-    if (__builtin_expect((not_for_the_instruction(low) | not_for_the_instruction(high)) == 0, 1)) {
+    // kortestw: whether either mask has a lane, without moving them to general registers
+    if (__builtin_expect(_kortestz_mask16_u8(not_for_the_instruction(low), not_for_the_instruction(high)), 1)) {
       return (__m512i)_mm512_cvtne2ps_pbh(high.v, low.v);
     }
     return concatenated(_mm512_cvtepi32_epi16(codec_rounded(low)), _mm512_cvtepi32_epi16(codec_rounded(high)));

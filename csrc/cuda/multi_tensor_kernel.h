@@ -99,17 +99,17 @@ constexpr int kMinBlocksPerSM = 2;
 // (which do not differ), for each architecture of the default TORCH_CUDA_ARCH_LIST.
 // tests/test_cuda_sass.py checks every number against the build when its nvcc is 13.0.
 //   params    state     plain kernels              |  kExtended kernels
-//   float64   float64   sm_80 56-84   sm_90 56-84   |  sm_80 62-96   sm_90 62-99
-//   float32   float32   sm_80 44-70   sm_90 45-70   |  sm_80 48-78   sm_90 50-78
-//   float32   bfloat16  sm_80 44-72   sm_90 46-72   |  sm_80 54-88   sm_90 54-86
-//   float32   8-bit     sm_80 62-107  sm_90 64-106  |  sm_80 68-121  sm_90 70-112
-//   bfloat16  bfloat16  sm_80 50-90   sm_90 51-91   |  sm_80 62-108  sm_90 63-108
-//   bfloat16  float32   sm_80 52-90   sm_90 50-88   |  sm_80 62-108  sm_90 63-106
-//   bfloat16  8-bit     sm_80 64-107  sm_90 68-112  |  sm_80 77-124  sm_90 79-126
-//   float16   float16   sm_80 48-91   sm_90 48-91   |  sm_80 60-96   sm_90 61-96
-//   float16   float32   sm_80 52-90   sm_90 51-90   |  sm_80 62-104  sm_90 62-102
-//   float16   bfloat16  sm_80 49-86   sm_90 49-86   |  sm_80 62-106  sm_90 63-106
-//   float16   8-bit     sm_80 64-110  sm_90 67-113  |  sm_80 78-122  sm_90 80-126
+//   float64   float64   sm_80 56-80   sm_90 56-82   |  sm_80 62-96   sm_90 62-99
+//   float32   float32   sm_80 44-67   sm_90 45-69   |  sm_80 48-78   sm_90 50-78
+//   float32   bfloat16  sm_80 44-72   sm_90 46-70   |  sm_80 54-88   sm_90 54-86
+//   float32   8-bit     sm_80 62-110  sm_90 64-105  |  sm_80 68-121  sm_90 70-112
+//   bfloat16  bfloat16  sm_80 50-89   sm_90 51-88   |  sm_80 62-108  sm_90 63-108
+//   bfloat16  float32   sm_80 52-86   sm_90 50-88   |  sm_80 62-108  sm_90 63-106
+//   bfloat16  8-bit     sm_80 64-104  sm_90 68-110  |  sm_80 77-124  sm_90 79-126
+//   float16   float16   sm_80 48-89   sm_90 50-89   |  sm_80 60-96   sm_90 61-96
+//   float16   float32   sm_80 52-88   sm_90 51-88   |  sm_80 62-104  sm_90 62-102
+//   float16   bfloat16  sm_80 49-84   sm_90 50-84   |  sm_80 62-106  sm_90 63-106
+//   float16   8-bit     sm_80 66-106  sm_90 69-109  |  sm_80 78-122  sm_90 80-126
 
 // gridDim.x is at most 2^31 - 1, so a launch has at most that many chunks (which also keeps the
 // segments' first chunk, stored as int32_t, in range).

@@ -31,7 +31,7 @@ namespace multi_tensor {
 // Every kernel comes in two variants: kExtended, with the rare options (those of
 // StepScalars::plain(), stochastic rounding, variance state) compiled in as uniform branches,
 // and a plain one for the common step that uses none of them. The rare options are not free on
-// the device even when off. The plain kernels take -5 to 25 fewer registers than the kExtended
+// the device even when off. The plain kernels take -8 to 22 fewer registers than the kExtended
 // ones of the same (pair, centered, momentum, AMP) (the columns of kRegisterCounts in
 // multi_tensor_kernel.h; ptxas gives a few plain ones more), and their own code has 0.7 to 3.2
 // times fewer instructions per element update (SASS of sm_80 and sm_90: a branch around each
