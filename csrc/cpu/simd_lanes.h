@@ -65,10 +65,12 @@ RMSPROP_LANES_INLINE Lanes16 apply_if(bool cond, Lanes16 x, F&& f) {
   return select(cond, f(x), x);
 }
 RMSPROP_LANES_INLINE Lanes16 square_root(Lanes16 x) { return Lanes16(_mm512_sqrt_ps(x.v)); }
+// the lanes of x that hold a NaN
+RMSPROP_LANES_INLINE __mmask16 nan_lanes(Lanes16 x) { return _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q); }
 // rmsprop_update.h's repair_nans: fix only for a vector with a NaN lane (one compare and a branch)
 template <typename F>
 RMSPROP_LANES_INLINE Lanes16 repair_nans(Lanes16 x, F&& fix) {
-  if (__builtin_expect(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) == 0, 1)) return x;
+  if (__builtin_expect(nan_lanes(x) == 0, 1)) return x;
   return fix(x);
 }
 
@@ -130,7 +132,7 @@ struct LaneCodec<c10::BFloat16> : SixteenBitStores<LaneCodec<c10::BFloat16>> {
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     const __m512i nearest =
         _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+    const __mmask16 nan = nan_lanes(x);
     return _mm512_mask_blend_epi32(nan, nearest, _mm512_set1_epi32(ElementCodec<c10::BFloat16>::kQuietNaN));
   }
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
@@ -173,7 +175,7 @@ struct LaneCodec<c10::Half> : SixteenBitStores<LaneCodec<c10::Half>> {
   }
   // NaNs are made canonical only in a vector that has one (a branch, not a blend in every store)
   static RMSPROP_LANES_INLINE __m256i rounded(Lanes16 x) {
-    if (__builtin_expect(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q) == 0, 1)) return converted(x.v);
+    if (__builtin_expect(nan_lanes(x) == 0, 1)) return converted(x.v);
     return converted(quiet_nans_for_vcvtps2ph(x.v));
   }
   // an unordered comparison of the two vectors finds a NaN in either
