@@ -649,3 +649,20 @@ def test_step_overhead_prints_every_setting_per_param(monkeypatch, capsys):
         assert name in row
         per_param = float(row.split("us a step")[1].split("us a param")[0])
         assert 0 < per_param < 1e5 and row.rstrip().endswith("x as long")
+
+
+def test_fp16_vs_bf16_prints_a_paired_ratio_per_option_set(monkeypatch, capsys):
+    import fp16_vs_bf16
+
+    tiny = param_lists.ParamList("tiny", "two tensors", ((33, 5), (70,)))
+    monkeypatch.setitem(fp16_vs_bf16.param_lists.LISTS, "tiny", lambda: tiny)
+    monkeypatch.setattr(sys, "argv", ["fp16_vs_bf16.py", "--list", "tiny", "--rounds", "3", "--threads", "1"])
+    fp16_vs_bf16.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert ", 1 thread," in lines[0] and "tiny, 3 rounds" in lines[0]
+    rows = lines[1:]
+    assert len(rows) == len(fp16_vs_bf16.OPTION_SETS)
+    for row, name in zip(rows, fp16_vs_bf16.OPTION_SETS):
+        assert row.split()[0] == name
+        low, high = (float(x) for x in row.split("interquartile ")[1].rstrip(")").split("-"))
+        assert 0 < low <= float(row.split("fp16 / bf16 ")[1].split()[0]) <= high

@@ -1,0 +1,86 @@
+"""fp16 against bf16 params: FusedRMSprop's step on the same shapes, in paired rounds.
+
+The two dtypes move the same bytes, so their ratio is the cost of float16's conversions (vcvtph2ps
+and vcvtps2ph, where bfloat16 is a shift or a mask). bench_step.py times each dtype as a case of
+its own, minutes apart on a machine whose speed drifts; here each round steps both optimizers one
+after the other (in alternating order), and the ratio is taken within the round.
+
+    python bench/fp16_vs_bf16.py [--list gpt2] [--rounds 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import param_lists  # noqa: E402
+from rmsprop_fused import FusedRMSprop  # noqa: E402
+
+OPTION_SETS = {
+    "plain": {},
+    "momentum": {"momentum": 0.9},
+    "centered+momentum": {"centered": True, "momentum": 0.9},
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def optimizer_for(shapes, dtype: torch.dtype, options: dict) -> FusedRMSprop:
+    generator = torch.Generator().manual_seed(0)  # the same values for both dtypes
+    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+    for p in params:
+        # gradients around 1, so that float16's squares stay normal numbers
+        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
+    optimizer = FusedRMSprop(params, lr=1e-4, **options)
+    optimizer.step()  # state allocated before timing
+    return optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", default="gpt2", choices=sorted(param_lists.LISTS))
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = param_lists.LISTS[args.list]().shapes
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    print(f"{cpu_name()}, {threads}, torch {torch.__version__}, {args.list}, "
+          f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
+    for name, options in OPTION_SETS.items():
+        optimizers = {dtype: optimizer_for(shapes, dtype, options)
+                      for dtype in (torch.bfloat16, torch.float16)}
+        times = {dtype: [] for dtype in optimizers}
+        for r in range(args.rounds):
+            order = list(optimizers) if r % 2 == 0 else list(optimizers)[::-1]
+            for dtype in order:
+                start = time.perf_counter()
+                optimizers[dtype].step()
+                times[dtype].append(time.perf_counter() - start)
+        ratios = sorted(h / b for h, b in zip(times[torch.float16], times[torch.bfloat16]))
+        quartile = len(ratios) // 4
+        print(f"  {name:18s} bf16 {statistics.median(times[torch.bfloat16]) * 1e3:6.1f} ms, "
+              f"fp16 {statistics.median(times[torch.float16]) * 1e3:6.1f} ms, fp16 / bf16 "
+              f"{statistics.median(ratios):.3f} (interquartile {ratios[quartile]:.3f}-"
+              f"{ratios[-1 - quartile]:.3f})")
+        del optimizers
+
+
+if __name__ == "__main__":
+    main()
