@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import param_lists  # noqa: E402
+from bench_step import cpu_model  # noqa: E402
 from rmsprop_fused import FusedRMSprop  # noqa: E402
 
 OPTION_SETS = {
@@ -28,17 +28,6 @@ OPTION_SETS = {
     "momentum": {"momentum": 0.9},
     "centered+momentum": {"centered": True, "momentum": 0.9},
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def optimizer_for(shapes, dtype: torch.dtype, options: dict) -> FusedRMSprop:
@@ -61,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = param_lists.LISTS[args.list]().shapes
     threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
-    print(f"{cpu_name()}, {threads}, torch {torch.__version__}, {args.list}, "
+    print(f"{cpu_model()}, {threads}, torch {torch.__version__}, {args.list}, "
           f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
     for name, options in OPTION_SETS.items():
         optimizers = {dtype: optimizer_for(shapes, dtype, options)

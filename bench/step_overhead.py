@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -22,6 +21,8 @@ import torch
 from torch import nn
 
 from rmsprop_fused import FusedRMSprop
+
+from bench_step import cpu_model  # bench/ is on sys.path when run as bench/step_overhead.py
 
 SETTINGS = {
     "plain": {},
@@ -32,17 +33,6 @@ SETTINGS = {
     "bf16 state": dict(state_dtype=torch.bfloat16),
     "backend='reference'": dict(backend="reference"),
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make(n: int, factory, **options):
@@ -67,7 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: nothing here is parallel)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.params} one-element params; {cpu_name()}, {args.threads} thread(s), torch {torch.__version__}, "
+    print(f"{args.params} one-element params; {cpu_model()}, {args.threads} thread(s), torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}")
     for name, options in SETTINGS.items():
         fused = make(args.params, FusedRMSprop, **options)
