@@ -844,6 +844,14 @@ def cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_generation() -> Optional[str]:
+    """"family 26, model 2, stepping 1" (/proc/cpuinfo): a virtual machine's model name ("AMD
+    EPYC") need not say which generation it runs on."""
+    fields = [(name, _cpuinfo_field(key)) for name, key in
+              (("family", "cpu family"), ("model", "model"), ("stepping", "stepping"))]
+    return ", ".join(f"{name} {value}" for name, value in fields if value) or None
+
+
 def cpu_flags() -> List[str]:
     """The CPU's feature flags (/proc/cpuinfo), which decide the kernel's vector width."""
     return (_cpuinfo_field("flags") or "").split()
@@ -913,6 +921,13 @@ def _cpu_simd_loop() -> Optional[str]:
     return _extension._module.cpu_simd_isa() if _extension.load_error is None else None
 
 
+def _cpu_prefetch_bytes() -> Optional[int]:
+    """How far ahead the CPU step's loops prefetch (csrc/cpu/prefetch.cpp), None without the extension."""
+    from rmsprop_fused import _extension
+
+    return _extension._module.cpu_prefetch_bytes() if _extension.load_error is None else None
+
+
 def _load_average() -> Optional[List[float]]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -927,6 +942,7 @@ def environment(device: torch.device) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_generation": cpu_generation(),
         "cpu_count": os.cpu_count(),
         # What the CPU numbers depend on: the vector width the kernel's clones pick from these
         # flags, the caches, and whether this is a virtual machine (the "hypervisor" flag).
@@ -934,6 +950,7 @@ def environment(device: torch.device) -> dict:
         "cpu_kernel_clone": x86_64_level(flags),
         # 16-bit params: the kernel's own AVX-512 loop where the CPU has AVX-512 BF16, else the clone
         "cpu_simd_loop": _cpu_simd_loop(),
+        "cpu_prefetch_bytes": _cpu_prefetch_bytes(),
         "cpu_caches": cpu_caches(),
         "cpu_virtualised": "hypervisor" in flags,
         "torch_threads": torch.get_num_threads(),

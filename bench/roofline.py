@@ -37,6 +37,7 @@ OptionSet = byte_model.OptionSet
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CPU_SOURCE = os.path.join(HERE, "roofline_cpu.cpp")
+PREFETCH_SOURCE = os.path.join(ROOT, "csrc", "cpu", "prefetch.cpp")  # the distance its loop reads
 OP_NAME = "rmsprop_fused_bench"
 
 
@@ -80,7 +81,7 @@ def load_cpu_op(verbose: bool = False) -> Optional[str]:
         flags = setup_cxx_flags()
         load(
             name="rmsprop_fused_bench_roofline",
-            sources=[CPU_SOURCE],
+            sources=[CPU_SOURCE, PREFETCH_SOURCE],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
             extra_include_paths=[os.path.join(ROOT, "csrc")],

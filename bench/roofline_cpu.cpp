@@ -5,7 +5,7 @@
 //
 // It reuses csrc/cpu/cpu_kernel.h instead of copying it: update_all (the same per-tensor setup,
 // the same at::parallel_for over the same element split and grain, the same threads) and
-// update_range (the same cache-line loop, the same software prefetch kPrefetchBytes ahead of
+// update_range (the same cache-line loop, the same software prefetch prefetch_bytes() ahead of
 // every stream, the same x86-64-v4/v3/default clones) are instantiated for a kernel type of its
 // own, whose per-element step (update_element) and 8-bit block step (update_quantized_blocks)
 // are specialised here to a bitwise exclusive-or with a mask: every stream is loaded and stored,
@@ -73,7 +73,7 @@ inline __attribute__((always_inline)) void roofline_element(
 
 // 8-bit state, whole 256-element blocks [first_block, last_block) of one tensor: the codes as
 // update_range streams elements (cache lines of the param stream, every stream prefetched
-// kPrefetchBytes ahead), then each block's scale read and written once.
+// prefetch_bytes() ahead), then each block's scale read and written once.
 template <class K>
 inline __attribute__((always_inline)) void roofline_blocks(
     typename K::P* __restrict__ param, typename K::P* __restrict__ grad,
@@ -86,16 +86,13 @@ inline __attribute__((always_inline)) void roofline_blocks(
   using V = typename K::Variant;
   constexpr int64_t kBlock = quantization::kQuantBlock;
   constexpr int64_t kLine = kCacheLineBytes / sizeof(P);
-  constexpr int64_t kAhead = kPrefetchBytes / sizeof(P);
+  const int64_t distance = prefetch_bytes() / int64_t(sizeof(P));
   const int64_t begin = first_block * kBlock;
   const int64_t end = std::min(last_block * kBlock, numel);
   int64_t i = begin;
-  for (; i + kAhead + kLine <= end; i += kLine) {
-    prefetch_ahead(param, i);
-    prefetch_ahead(grad, i);
-    prefetch_ahead(square_avg, i);
-    if (V::kCentered) prefetch_ahead(grad_avg, i);
-    if (V::kMomentum) prefetch_ahead(momentum_buffer, i);
+  for (; i + kLine <= end; i += kLine) {
+    prefetch_streams<K>(param, grad, square_avg, grad_avg, momentum_buffer,
+                        std::min(i + distance, end - 1));
 #pragma omp simd
     for (int64_t k = 0; k < kLine; ++k) {
       roofline_element<K>(param, grad, square_avg, grad_avg, momentum_buffer, i + k, s);
@@ -260,6 +257,8 @@ TORCH_LIBRARY(rmsprop_fused_bench, m) {
       "roofline_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
       "Tensor(d!)[] grad_avgs, Tensor(e!)[] momentum_buffers, Tensor(f!)[] square_avg_scales, "
       "Tensor(g!)[] grad_avg_scales, Tensor(h!)[] momentum_buffer_scales, bool flip) -> ()");
+  // the prefetch distance of this library's copy of the loop (the step's is rmsprop_fused._C's)
+  m.def("set_prefetch_bytes(int bytes) -> int", &rmsprop_fused::cpu::set_prefetch_bytes);
 }
 
 TORCH_LIBRARY_IMPL(rmsprop_fused_bench, CPU, m) {

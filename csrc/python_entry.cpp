@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/prefetch.h"
 #include "cpu/simd_kernel.h"
 #include "cpu/total_norm.h"
 #include "step_args.h"
@@ -89,6 +90,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_cpu_simd", &rmsprop_fused::cpu::set_simd_kernels_enabled,
         "Testing aid: whether the CPU step may use its SIMD loop (default True); returns the "
         "previous setting", pybind11::arg("enabled"));
+  m.def("cpu_prefetch_bytes", &rmsprop_fused::cpu::prefetch_bytes,
+        "How far ahead of the CPU step's loops each stream is prefetched, in bytes of params");
+  m.def("_set_cpu_prefetch_bytes", &rmsprop_fused::cpu::set_prefetch_bytes,
+        "Benchmark aid (bench/prefetch_sweep.py): sets cpu_prefetch_bytes (a multiple of 64 from 0 "
+        "to 16384); returns the previous distance", pybind11::arg("bytes"));
   pybind11::class_<StepLists>(m, "StepLists",
                               "A step's params, square_avgs, grad_avgs, momentum_buffers and "
                               "state_steps, converted once")

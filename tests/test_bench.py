@@ -314,6 +314,12 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     assert env["cpu_kernel_clone"] == bench.x86_64_level(env["cpu_flags"]) and env["load_average_1_5_15min"]
     simd = "avx512-bf16" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= set(env["cpu_flags"]) else ""
     assert env["cpu_simd_loop"] == (simd if available("cpu") else None)
+    if available("cpu"):
+        from rmsprop_fused import _extension
+
+        assert env["cpu_prefetch_bytes"] == _extension._module.cpu_prefetch_bytes() > 0
+    if os.path.exists("/proc/cpuinfo") and "cpu family" in open("/proc/cpuinfo").read():
+        assert env["cpu_generation"].startswith("family ") and ", model " in env["cpu_generation"]
     assert report["state_bytes_per_param"]["tiny"]["fp32"]["plain"]["param"] == 4.0
     assert "optimizer state, bytes per param" in out
     png = stem.with_suffix(".png").read_bytes()
@@ -666,3 +672,29 @@ def test_fp16_vs_bf16_prints_a_paired_ratio_per_option_set(monkeypatch, capsys):
         assert row.split()[0] == name
         low, high = (float(x) for x in row.split("interquartile ")[1].rstrip(")").split("-"))
         assert 0 < low <= float(row.split("fp16 / bf16 ")[1].split()[0]) <= high
+
+
+@pytest.mark.skipif(not available("cpu"), reason="the C++ extension is not built")
+def test_prefetch_sweep_prints_paired_ratios_and_restores_the_distance(monkeypatch, capsys):
+    import prefetch_sweep
+    from rmsprop_fused import _extension
+
+    default = _extension._module.cpu_prefetch_bytes()
+    tiny = param_lists.ParamList("tiny", "two tensors", ((33, 5), (70,)))
+    monkeypatch.setitem(prefetch_sweep.param_lists.LISTS, "tiny", lambda: tiny)
+    monkeypatch.setattr(sys, "argv", ["prefetch_sweep.py", "--list", "tiny", "--rounds", "3", "--threads", "1",
+                                      "--dtypes", "bf16", "--options", "plain,momentum", "--distances", "0,2048"])
+    prefetch_sweep.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert ", 1 thread," in lines[0] and f"default distance {default} B" in lines[0]
+    rows = lines[2:]
+    assert [row.split()[:3] for row in rows] == [["bf16", o, s] for o in ("plain", "momentum") for s in ("step", "roofline")]
+    distances = sorted({0, 2048, default})
+    for row in rows:
+        cells = row.split(" B ")[1:]
+        assert len(cells) == len(distances)
+        for cell, d in zip(cells, distances):
+            ratio = float(cell.split(" ms ")[1].split()[0])
+            assert ratio == 1.0 if d == default else ratio > 0
+    assert _extension._module.cpu_prefetch_bytes() == default
+    assert torch.ops.rmsprop_fused_bench.set_prefetch_bytes(default) == default  # the roofline's too

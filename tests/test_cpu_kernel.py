@@ -110,6 +110,39 @@ def test_sizes_and_misaligned_views(dtype, offset, cpu_loop):
     matches_reference(lists, **options)
 
 
+@pytest.fixture
+def prefetch_bytes():
+    """Sets the CPU loops' prefetch distance for one test (cpu_prefetch_bytes), then restores it."""
+    from rmsprop_fused import _extension
+
+    module = _extension._module
+    default = module.cpu_prefetch_bytes()
+    yield module._set_cpu_prefetch_bytes
+    module._set_cpu_prefetch_bytes(default)
+
+
+@with_loops("dtype", DTYPES)
+@pytest.mark.parametrize("distance", [0, 64, 4096, 16384])
+def test_the_prefetch_distance_changes_no_bit(dtype, distance, cpu_loop, prefetch_bytes):
+    """A distance decides which lines are prefetched and where each range's prefetch stops: sizes
+    under and around it, and a range split between threads, with each of them."""
+    prefetch_bytes(distance)
+    sizes = [1, 17, 63, 64, 1025, 4097, 2**16 + 5]
+    lists = make_lists(sizes, dtype, centered=True, momentum=0.9, seed=fresh_seed())
+    matches_reference(lists, centered=True, momentum=0.9)
+
+
+@pytest.mark.parametrize("bad", [-64, 100, 16384 + 64])
+def test_a_bad_prefetch_distance_is_refused_and_changes_nothing(bad, prefetch_bytes):
+    from rmsprop_fused import _extension
+
+    before = _extension._module.cpu_prefetch_bytes()
+    with pytest.raises(RuntimeError, match=f"multiple of 64 bytes from 0 to 16384, got {bad}"):
+        prefetch_bytes(bad)
+    assert _extension._module.cpu_prefetch_bytes() == before
+    assert prefetch_bytes(2048) == before and _extension._module.cpu_prefetch_bytes() == 2048
+
+
 @pytest.mark.parametrize("pair", [(torch.float32, torch.uint8), (torch.bfloat16, torch.uint8)], ids=pair_id)
 def test_8bit_state_across_threads(pair):
     """Large enough for at::parallel_for to split the blocks between threads: a block's scale is

@@ -48,12 +48,6 @@ constexpr int64_t kParallelGrain = 1 << 15;
 #define RMSPROP_CPU_CLONES
 #endif
 
-template <typename storage_t>
-inline void prefetch_ahead(const storage_t* stream, int64_t i) {
-  __builtin_prefetch(stream + i + kPrefetchBytes / int64_t(sizeof(storage_t)), /*rw=*/0,
-                     /*locality=*/3);
-}
-
 // Everything a loop instantiation is specialised on.
 template <typename param_t, typename state_t, class Variant_, bool kStochastic_,
           bool kVarianceState_>
@@ -70,6 +64,24 @@ struct Kernel {
   static constexpr bool kStochastic = kStochastic_;
   static constexpr bool kVarianceState = kVarianceState_;
 };
+
+template <typename storage_t>
+inline __attribute__((always_inline)) void prefetch_line(const storage_t* stream, int64_t i) {
+  __builtin_prefetch(stream + i, /*rw=*/0, /*locality=*/3);
+}
+
+// Element `at` of each stream kernel K reads: a loop calls it prefetch_bytes() ahead of itself,
+// up to its range's last element (a select, not a branch).
+template <class K>
+inline __attribute__((always_inline)) void prefetch_streams(
+    const typename K::P* param, const typename K::P* grad, const typename K::S* square_avg,
+    const typename K::S* grad_avg, const typename K::S* momentum_buffer, int64_t at) {
+  prefetch_line(param, at);
+  prefetch_line(grad, at);
+  prefetch_line(square_avg, at);
+  if constexpr (K::Variant::kCentered) prefetch_line(grad_avg, at);
+  if constexpr (K::Variant::kMomentum) prefetch_line(momentum_buffer, at);
+}
 
 // The keys of the random streams of one tensor's step (stochastic rounding).
 struct RoundingKeys {
@@ -149,7 +161,7 @@ inline __attribute__((always_inline)) void update_half_tiles(
   constexpr bool kHalfState = std::is_same_v<typename K::state_type, c10::Half>;
   constexpr int64_t kTile = 512;
   constexpr int64_t kLine = kCacheLineBytes / sizeof(uint16_t);
-  constexpr int64_t kAhead = kPrefetchBytes / sizeof(uint16_t);
+  const int64_t distance = prefetch_bytes() / int64_t(sizeof(uint16_t));
   alignas(64) float p[kTile], g[kTile], v[kTile], m[kTile], b[kTile];
   const RoundingKeys no_keys;
   for (int64_t i = begin; i < end; i += kTile) {
@@ -167,13 +179,8 @@ inline __attribute__((always_inline)) void update_half_tiles(
     }
     int64_t k = 0;
     for (; k + kLine <= n; k += kLine) {
-      // kPrefetchBytes ahead, up to the range's last element (a select, not a branch)
-      const int64_t ahead = std::min(i + k + kAhead, end - 1);
-      __builtin_prefetch(param + ahead, 0, 3);
-      __builtin_prefetch(grad + ahead, 0, 3);
-      __builtin_prefetch(square_avg + ahead, 0, 3);
-      if (V::kCentered) __builtin_prefetch(grad_avg + ahead, 0, 3);
-      if (V::kMomentum) __builtin_prefetch(momentum_buffer + ahead, 0, 3);
+      prefetch_streams<K>(param, grad, square_avg, grad_avg, momentum_buffer,
+                          std::min(i + k + distance, end - 1));
 #pragma omp simd
       for (int64_t e = 0; e < kLine; ++e) update_element<T>(p, g, sv, sm, sb, k + e, scalars, no_keys);
     }
@@ -200,27 +207,22 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
                                      int64_t end, const StepScalars<typename K::opmath_t> scalars,
                                      const RoundingKeys keys) {
   using P = typename K::P;
-  using V = typename K::Variant;
   if constexpr (kConvertsHalfTiles<K>) {
     update_half_tiles<K>(param, grad, square_avg, grad_avg, momentum_buffer, begin, end, scalars);
     return;
   }
   static_assert(kCacheLineBytes % sizeof(P) == 0);
   constexpr int64_t kLine = kCacheLineBytes / sizeof(P);
-  constexpr int64_t kAhead = kPrefetchBytes / sizeof(P);
-  // A cache line of the param stream at a time, prefetching each stream kPrefetchBytes ahead;
-  // the prefetches stop where they would leave the range. The inner loop runs over a constant
-  // kLine elements, whole vectors without a remainder. GCC unrolls so short a loop completely
-  // before its loop vectoriser runs, and what is left to its straight-line vectoriser stayed
-  // scalar for float64: `omp simd` (setup.py passes -fopenmp-simd) has it vectorised as a loop in
-  // every variant.
+  const int64_t distance = prefetch_bytes() / int64_t(sizeof(P));
+  // A cache line of the param stream at a time, prefetching each stream prefetch_bytes() ahead.
+  // The inner loop runs over a constant kLine elements, whole vectors without a remainder. GCC
+  // unrolls so short a loop completely before its loop vectoriser runs, and what is left to its
+  // straight-line vectoriser stayed scalar for float64: `omp simd` (setup.py passes
+  // -fopenmp-simd) has it vectorised as a loop in every variant.
   int64_t i = begin;
-  for (; i + kAhead + kLine <= end; i += kLine) {
-    prefetch_ahead(param, i);
-    prefetch_ahead(grad, i);
-    prefetch_ahead(square_avg, i);
-    if (V::kCentered) prefetch_ahead(grad_avg, i);
-    if (V::kMomentum) prefetch_ahead(momentum_buffer, i);
+  for (; i + kLine <= end; i += kLine) {
+    prefetch_streams<K>(param, grad, square_avg, grad_avg, momentum_buffer,
+                        std::min(i + distance, end - 1));
 #pragma omp simd
     for (int64_t k = 0; k < kLine; ++k) {
       update_element<K>(param, grad, square_avg, grad_avg, momentum_buffer, i + k, scalars, keys);

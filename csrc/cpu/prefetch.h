@@ -1,18 +1,25 @@
-// How far ahead the CPU loops prefetch (cpu_kernel.h, rmsprop_cpu_avx512.cpp).
+// How far ahead the CPU loops prefetch (cpu_kernel.h, rmsprop_cpu_avx512.cpp): a run-time value,
+// so that bench/prefetch_sweep.py can time other distances against it in one process.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 namespace rmsprop_fused {
 namespace cpu {
 
-// How far ahead of the loop each stream is prefetched. The hardware prefetcher stops at every
-// 4 KiB page boundary and must retrain, and one core keeps too few misses in flight for its
-// three to five streams to hide the memory latency: prefetching 1 KiB ahead took the GPT-2-small
-// fp32 step of bench/bench_step.py from 59 to 53 ms (42 to 47 GB/s) on the 2-core Xeon of
-// bench/results. 512 B helped less (55 ms); 2 and 4 KiB no more than 1 KiB.
-constexpr int64_t kPrefetchBytes = 1024;
 constexpr int64_t kCacheLineBytes = 64;
+// The most a distance may be: far past what any CPU measured wants, a third of a 48 KiB L1.
+constexpr int64_t kMaxPrefetchBytes = 16384;
+
+// How far ahead of the loop each stream is prefetched, in bytes of the param stream (prefetch.cpp
+// says why it starts at 1 KiB, with the measurements). Read inline, so the loops call nothing.
+extern std::atomic<int64_t> current_prefetch_bytes;
+inline int64_t prefetch_bytes() { return current_prefetch_bytes.load(std::memory_order_relaxed); }
+// Sets it (a multiple of kCacheLineBytes from 0 to kMaxPrefetchBytes, else an error naming the
+// value, and nothing changes) and returns the previous distance. A benchmark aid: a step running
+// meanwhile may use either.
+int64_t set_prefetch_bytes(int64_t bytes);
 
 }  // namespace cpu
 }  // namespace rmsprop_fused

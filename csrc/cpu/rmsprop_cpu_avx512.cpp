@@ -88,7 +88,7 @@ inline __attribute__((always_inline)) void prefetch_line(const storage_t* stream
 }
 
 // Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of float32
-// state), each stream prefetched kPrefetchBytes of params ahead, up to the range's last element;
+// state), each stream prefetched prefetch_bytes() of params ahead, up to the range's last element;
 // the last under 32 sixteen at a time with masked loads and stores. bfloat16 params with
 // bfloat16 state take the 32 as their even and odd elements (LaneCodec load_interleaved).
 template <typename param_t, typename state_t, class V, bool kVarianceState>
@@ -152,11 +152,11 @@ void update_range_simd(typename ElementCodec<param_t>::storage_t* __restrict__ p
   };
   constexpr int64_t kStep = kCacheLineBytes / sizeof(P);
   static_assert(kStep == 32, "a cache line of 16-bit params is two vectors of lanes");
-  constexpr int64_t kAhead = kPrefetchBytes / sizeof(P);
+  const int64_t distance = prefetch_bytes() / int64_t(sizeof(P));
   constexpr bool kWideState = sizeof(S) == 4;
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
-    const int64_t ahead = std::min(i + kAhead, end - 1);
+    const int64_t ahead = std::min(i + distance, end - 1);
     prefetch_line(param, ahead);
     prefetch_line(grad, ahead);
     const int64_t state_ahead[] = {ahead, std::min(ahead + 16, end - 1)};
