@@ -5,8 +5,8 @@ The CPU loops prefetch every stream a fixed number of bytes ahead (csrc/cpu/pref
 arithmetic) at each distance of --distances on the same tensors: every round steps all of them
 one after the other, in an order that rotates from round to round, and each distance's time is
 taken as a ratio to the default distance's within the round. (The machine's speed drifts between
-rounds, and on a virtual machine one case's time differed by up to 1.6x between two allocations
-of its tensors, so distances are never compared across tensors.)
+rounds, and on a virtual machine one case's time differed by up to 2.4x between allocations of
+its tensors, so distances are never compared across tensors.)
 
     python bench/prefetch_sweep.py [--list gpt2] [--dtypes fp32,bf16] [--rounds 12]
 """
