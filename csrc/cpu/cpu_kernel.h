@@ -65,11 +65,6 @@ struct Kernel {
   static constexpr bool kVarianceState = kVarianceState_;
 };
 
-template <typename storage_t>
-inline __attribute__((always_inline)) void prefetch_line(const storage_t* stream, int64_t i) {
-  __builtin_prefetch(stream + i, /*rw=*/0, /*locality=*/3);
-}
-
 // Element `at` of each stream kernel K reads: a loop calls it prefetch_bytes() ahead of itself,
 // up to its range's last element (a select, not a branch).
 template <class K>

@@ -82,11 +82,6 @@ namespace {
 
 using simd::Lanes16;
 
-template <typename storage_t>
-inline __attribute__((always_inline)) void prefetch_line(const storage_t* stream, int64_t i) {
-  __builtin_prefetch(stream + i, /*rw=*/0, /*locality=*/3);
-}
-
 // Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of float32
 // state), each stream prefetched prefetch_bytes() of params ahead, up to the range's last element;
 // the last under 32 sixteen at a time with masked loads and stores. bfloat16 params with
