@@ -123,6 +123,12 @@ def step_stats(times: Sequence[float]) -> dict:
     return {"median_s": statistics.median(ordered), "q1_s": q1, "q3_s": q3, "min_s": ordered[0], "max_s": ordered[-1], "n": len(ordered)}
 
 
+def interquartile(values: Sequence[float], digits: int = 3) -> str:
+    """"q1-q3" of values (step_stats' quartiles), for the paired-ratio scripts."""
+    stats = step_stats(values)
+    return f"{stats['q1_s']:.{digits}f}-{stats['q3_s']:.{digits}f}"
+
+
 # ----------------------------------------------------------------------------- timing
 
 

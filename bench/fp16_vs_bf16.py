@@ -20,23 +20,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import param_lists  # noqa: E402
-from bench_step import cpu_model  # noqa: E402
+from bench_step import BASE_OPTIONS, cpu_model, interquartile, make_params  # noqa: E402
+from bench_step import OPTION_SETS as ALL_OPTION_SETS  # noqa: E402
 from rmsprop_fused import FusedRMSprop  # noqa: E402
 
-OPTION_SETS = {
-    "plain": {},
-    "momentum": {"momentum": 0.9},
-    "centered+momentum": {"centered": True, "momentum": 0.9},
-}
+OPTION_SETS = {name: ALL_OPTION_SETS[name] for name in BASE_OPTIONS}
 
 
-def optimizer_for(shapes, dtype: torch.dtype, options: dict) -> FusedRMSprop:
-    generator = torch.Generator().manual_seed(0)  # the same values for both dtypes
-    params = [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
-    for p in params:
-        # gradients around 1, so that float16's squares stay normal numbers
-        p.grad = torch.randn(p.shape, generator=generator).to(dtype)
-    optimizer = FusedRMSprop(params, lr=1e-4, **options)
+def optimizer_for(plist: param_lists.ParamList, dtype: torch.dtype, options) -> FusedRMSprop:
+    # the same seed for both dtypes: the same values, rounded; gradients around 1 (randn), so
+    # that float16's squares stay normal numbers
+    optimizer = FusedRMSprop(make_params(plist, dtype, torch.device("cpu")), lr=1e-4, **options.kwargs())
     optimizer.step()  # state allocated before timing
     return optimizer
 
@@ -48,12 +42,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = param_lists.LISTS[args.list]().shapes
+    plist = param_lists.LISTS[args.list]()
     threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
     print(f"{cpu_model()}, {threads}, torch {torch.__version__}, {args.list}, "
           f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
     for name, options in OPTION_SETS.items():
-        optimizers = {dtype: optimizer_for(shapes, dtype, options)
+        optimizers = {dtype: optimizer_for(plist, dtype, options)
                       for dtype in (torch.bfloat16, torch.float16)}
         times = {dtype: [] for dtype in optimizers}
         for r in range(args.rounds):
@@ -62,12 +56,10 @@ def main() -> None:
                 start = time.perf_counter()
                 optimizers[dtype].step()
                 times[dtype].append(time.perf_counter() - start)
-        ratios = sorted(h / b for h, b in zip(times[torch.float16], times[torch.bfloat16]))
-        quartile = len(ratios) // 4
+        ratios = [h / b for h, b in zip(times[torch.float16], times[torch.bfloat16])]
         print(f"  {name:18s} bf16 {statistics.median(times[torch.bfloat16]) * 1e3:6.1f} ms, "
               f"fp16 {statistics.median(times[torch.float16]) * 1e3:6.1f} ms, fp16 / bf16 "
-              f"{statistics.median(ratios):.3f} (interquartile {ratios[quartile]:.3f}-"
-              f"{ratios[-1 - quartile]:.3f})")
+              f"{statistics.median(ratios):.3f} (interquartile {interquartile(ratios)})")
         del optimizers
 
 

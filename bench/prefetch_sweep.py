@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import param_lists  # noqa: E402
 import roofline  # noqa: E402
-from bench_step import BASE_OPTIONS, DTYPES, LR, OPTION_SETS, cpu_model, make_params  # noqa: E402
+from bench_step import BASE_OPTIONS, DTYPES, LR, OPTION_SETS, cpu_model, interquartile, make_params  # noqa: E402
 from rmsprop_fused import FusedRMSprop, _extension  # noqa: E402
 
 
@@ -33,12 +33,6 @@ def set_distance(bytes_ahead: int) -> None:
     """The step's and the roofline's distance (each library has its own copy of the loop)."""
     _extension._module._set_cpu_prefetch_bytes(bytes_ahead)
     getattr(torch.ops, roofline.OP_NAME).set_prefetch_bytes(bytes_ahead)
-
-
-def interquartile(values: List[float]) -> str:
-    ordered = sorted(values)
-    quartile = len(ordered) // 4
-    return f"{ordered[quartile]:.3f}-{ordered[-1 - quartile]:.3f}"
 
 
 def sweep(steps: Dict[str, Callable[[], object]], distances: List[int], default: int,
