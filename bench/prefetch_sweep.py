@@ -37,17 +37,20 @@ def set_distance(bytes_ahead: int) -> None:
 
 def sweep(steps: Dict[str, Callable[[], object]], distances: List[int], default: int,
           rounds: int) -> Dict[str, Dict[int, List[float]]]:
-    """{step name: {distance: seconds of each round}}."""
+    """{step name: {distance: seconds of each round}}; the default distance is back afterwards,
+    an error or an interrupt included."""
     times = {name: {d: [] for d in distances} for name in steps}
-    for r in range(rounds):
-        order = distances[r % len(distances):] + distances[:r % len(distances)]
-        for d in order:
-            set_distance(d)
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name][d].append(time.perf_counter() - start)
-    set_distance(default)
+    try:
+        for r in range(rounds):
+            order = distances[r % len(distances):] + distances[:r % len(distances)]
+            for d in order:
+                set_distance(d)
+                for name, step in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    times[name][d].append(time.perf_counter() - start)
+    finally:
+        set_distance(default)
     return times
 
 
@@ -69,6 +72,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     default = _extension._module.cpu_prefetch_bytes()
     distances = sorted({int(d) for d in args.distances.split(",")} | {default})
+    try:  # every distance checked by the op itself before any tensor is allocated
+        for d in distances:
+            set_distance(d)
+    except RuntimeError as e:
+        raise SystemExit(f"prefetch_sweep: --distances: {e}") from None
+    finally:
+        set_distance(default)
     plist = param_lists.LISTS[args.list]()
     threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
     print(f"{cpu_model()}, {threads}, torch {torch.__version__}, {args.list}, {args.rounds} rounds, "

@@ -698,3 +698,11 @@ def test_prefetch_sweep_prints_paired_ratios_and_restores_the_distance(monkeypat
             assert ratio == 1.0 if d == default else ratio > 0
     assert _extension._module.cpu_prefetch_bytes() == default
     assert torch.ops.rmsprop_fused_bench.set_prefetch_bytes(default) == default  # the roofline's too
+
+    # a distance the op refuses: named before any tensor is made, and the default stays
+    monkeypatch.setattr(sys, "argv", ["prefetch_sweep.py", "--list", "tiny", "--distances", "0,100"])
+    monkeypatch.setattr(prefetch_sweep, "make_params", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(SystemExit, match="--distances: .*multiple of 64 bytes from 0 to 16384, got 100"):
+        prefetch_sweep.main()
+    assert _extension._module.cpu_prefetch_bytes() == default
+    assert torch.ops.rmsprop_fused_bench.set_prefetch_bytes(default) == default
