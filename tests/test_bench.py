@@ -706,3 +706,32 @@ def test_prefetch_sweep_prints_paired_ratios_and_restores_the_distance(monkeypat
         prefetch_sweep.main()
     assert _extension._module.cpu_prefetch_bytes() == default
     assert torch.ops.rmsprop_fused_bench.set_prefetch_bytes(default) == default
+
+
+def test_divider_probe_compiles_and_prints_every_loop(tmp_path):
+    """bench/divider_probe.c, the measurement behind docs/DESIGN.md section 4's bf16 bound: it
+    compiles with the AVX-512 flags on any x86-64 gcc, and where the CPU has AVX-512 BF16 it
+    runs every loop, on one thread or two, and refuses an element count that the threads
+    cannot split into whole cache lines."""
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None or bench.x86_64_level([]) is None:
+        pytest.skip("needs gcc on x86-64")
+    binary = tmp_path / "divider_probe"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16",
+                    os.path.join(ROOT, "bench", "divider_probe.c"), "-o", str(binary)], check=True)
+    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split() if os.path.exists("/proc/cpuinfo") else []
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"} <= set(flags):
+        pytest.skip("compiled; running it needs AVX-512 BF16")
+    for args in (["33"], ["2048", "0"], ["2080", "2"]):
+        refused = subprocess.run([str(binary), *args], capture_output=True, text=True)
+        assert refused.returncode == 2 and "multiple of 32 times the threads" in refused.stderr, args
+    for args, threads in ((["2048"], "1 thread,"), (["4096", "2"], "2 threads,")):
+        lines = subprocess.run([str(binary), *args], capture_output=True, text=True, check=True).stdout.splitlines()
+        divider, loops = lines[1:6], lines[7:]
+        assert lines[0].startswith("the divider")
+        assert lines[6].startswith(f"the bf16 plain step, {args[0]} elements a stream, {threads}")
+        assert all(float(row.split()[-2]) > 0 for row in divider)
+        assert len(loops) == 6 and loops[0].rstrip().endswith("(1.00x the kernel's time)")
+        assert all(float(row.split(" ns")[0].split()[-1]) > 0 for row in loops)
