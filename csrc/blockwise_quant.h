@@ -201,17 +201,16 @@ class FloorTable {
 
   inline uint8_t quantize(float x) const { return nearest_code(x, floor(x), map_); }
 
+  // For the AVX-512 encoder, which computes floor() lane by lane (rmsprop_cpu_avx512.cpp).
+  const float* map() const { return map_; }
+  const uint8_t* first_codes() const { return first_; }
+
  private:
   const float* map_;
-  uint8_t first_[2 * kBuckets];  // the bucket's first code: for |x| in it, x >= 0, then x < 0
+  // The bucket's first code: for |x| in it, x >= 0, then x < 0. Three zero bytes past the end,
+  // for the AVX-512 encoder's four-byte gathers of the last buckets.
+  uint8_t first_[2 * kBuckets + 3] = {};
 };
-
-// The tables of the two maps, built on first use.
-inline const FloorTable& floor_table(bool is_signed) {
-  static const FloorTable signed_table(kSignedMap);
-  static const FloorTable unsigned_table(kUnsignedMap);
-  return is_signed ? signed_table : unsigned_table;
-}
 #endif
 
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float dequantize(uint8_t code, float scale,
@@ -239,6 +238,33 @@ struct AbsMax {
 RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float normalize(float x, float scale) {
   return scale > 0.0f ? x / scale : 0.0f;
 }
+
+#if !defined(__CUDACC__)
+// The tables of the two maps, built on first use.
+inline const FloorTable& floor_table(bool is_signed) {
+  static const FloorTable signed_table(kSignedMap);
+  static const FloorTable unsigned_table(kUnsignedMap);
+  return is_signed ? signed_table : unsigned_table;
+}
+
+// The CPU's block codecs, element by element: `count` (at most kQuantBlock) values of a block
+// decoded from their codes, or encoded with the scale of the block's maximum. The CPU kernel runs
+// their AVX-512 twins where the CPU has them (cpu/simd_kernel.h), which give the same bits.
+inline void decode_block(const uint8_t* __restrict__ codes, int64_t count, float scale,
+                         const float* __restrict__ map, float* __restrict__ values) {
+  for (int64_t k = 0; k < count; ++k) values[k] = dequantize(codes[k], scale, map);
+}
+
+inline void encode_block(const float* __restrict__ values, int64_t count,
+                         uint8_t* __restrict__ codes, float* __restrict__ scale,
+                         const FloorTable& table) {
+  AbsMax absmax;
+  for (int64_t k = 0; k < count; ++k) absmax.add(values[k]);
+  const float new_scale = absmax.scale();
+  *scale = new_scale;
+  for (int64_t k = 0; k < count; ++k) codes[k] = table.quantize(normalize(values[k], new_scale));
+}
+#endif
 
 }  // namespace quantization
 }  // namespace rmsprop_fused

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "blockwise_quant.h"
+#include "cpu/simd_kernel.h"
 #include "rmsprop_op.h"
 
 namespace rmsprop_fused {
@@ -166,17 +167,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, 
   const int64_t n = values.numel();
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
   at::Tensor scales = at::empty({quant_blocks(n)}, values.options());
-  const float* x = values.data_ptr<float>();
-  uint8_t* c = codes.data_ptr<uint8_t>();
   const quantization::FloorTable& table = quantization::floor_table(is_signed);
   for (int64_t block = 0; block < quant_blocks(n); ++block) {
     const int64_t begin = block * quantization::kQuantBlock;
-    const int64_t end = std::min(n, begin + quantization::kQuantBlock);
-    quantization::AbsMax absmax;
-    for (int64_t i = begin; i < end; ++i) absmax.add(x[i]);
-    const float scale = absmax.scale();
-    scales.data_ptr<float>()[block] = scale;
-    for (int64_t i = begin; i < end; ++i) c[i] = table.quantize(quantization::normalize(x[i], scale));
+    cpu::encode_state_block(values.data_ptr<float>() + begin,
+                            std::min(quantization::kQuantBlock, n - begin),
+                            codes.data_ptr<uint8_t>() + begin, scales.data_ptr<float>() + block,
+                            table);
   }
   return {codes, scales};
 }

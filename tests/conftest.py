@@ -22,6 +22,20 @@ def pytest_configure(config):
         raise pytest.UsageError(f"RMSPROP_FUSED_REQUIRE_CUDA_BUILD=1 but the CUDA kernel was not built: {why}")
 
 
+@pytest.fixture
+def cpu_loop(request):
+    """Runs the test with the CPU step's AVX-512 code (the 16-bit loop, the 8-bit block codecs) allowed
+    or not (skipped where the CPU lacks it)."""
+    from rmsprop_fused import _extension
+
+    module = _extension._module
+    if request.param == "simd-loop" and not module.cpu_simd_isa():
+        pytest.skip("this CPU lacks AVX-512 BF16: the step runs the compiler-vectorised loop and the scalar 8-bit codecs only")
+    previous = module._set_cpu_simd(request.param == "simd-loop")
+    yield request.param
+    module._set_cpu_simd(previous)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

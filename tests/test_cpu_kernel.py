@@ -20,12 +20,15 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 3, 4, 4097, 65537, 2**20 + 3]
 
 # 16-bit params run the CPU step's own AVX-512 loop (rmsprop_cpu_avx512.cpp) where the CPU has
-# AVX-512 BF16, else the compiler-vectorised loop of cpu_kernel.h: where both run, both are tested.
+# AVX-512 BF16, else the compiler-vectorised loop of cpu_kernel.h, and 8-bit state blocks are
+# decoded and encoded by that file's gathers, else element by element: where both run, both are
+# tested.
 LOOPS = ["simd-loop", "compiler-loop"]
 
 
 def _has_simd_loop(dtype, state_dtype=None) -> bool:
-    return dtype in (torch.bfloat16, torch.float16) and state_dtype in (None, dtype, torch.float32)
+    return (dtype in (torch.bfloat16, torch.float16) and state_dtype in (None, dtype, torch.float32)
+            or state_dtype == torch.uint8)
 
 
 def with_loops(name: str, values, has_simd=_has_simd_loop):
@@ -37,19 +40,6 @@ def with_loops(name: str, values, has_simd=_has_simd_loop):
         vid = pair_id(v) if isinstance(v, tuple) else str(v)
         params += [pytest.param(v, loop, id=f"{vid}-{loop}") for loop in (LOOPS if simd else LOOPS[1:])]
     return pytest.mark.parametrize(f"{name}, cpu_loop", params, indirect=["cpu_loop"])
-
-
-@pytest.fixture
-def cpu_loop(request):
-    """Runs the test with the CPU step's SIMD loop allowed or not (skipped where the CPU lacks it)."""
-    from rmsprop_fused import _extension
-
-    module = _extension._module
-    if request.param == "simd-loop" and not module.cpu_simd_isa():
-        pytest.skip("this CPU lacks AVX-512 BF16: its 16-bit params run the compiler-vectorised loop only")
-    previous = module._set_cpu_simd(request.param == "simd-loop")
-    yield request.param
-    module._set_cpu_simd(previous)
 
 
 def matches_reference(lists, **options):
@@ -143,8 +133,8 @@ def test_a_bad_prefetch_distance_is_refused_and_changes_nothing(bad, prefetch_by
     assert prefetch_bytes(2048) == before and _extension._module.cpu_prefetch_bytes() == 2048
 
 
-@pytest.mark.parametrize("pair", [(torch.float32, torch.uint8), (torch.bfloat16, torch.uint8)], ids=pair_id)
-def test_8bit_state_across_threads(pair):
+@with_loops("pair", [(torch.float32, torch.uint8), (torch.bfloat16, torch.uint8)])
+def test_8bit_state_across_threads(pair, cpu_loop):
     """Large enough for at::parallel_for to split the blocks between threads: a block's scale is
     its maximum, so a block split between two threads would be wrong."""
     lists = make_lists([3 * 2**15 + 77, 1000], pair[0], centered=True, momentum=0.9, state_dtype=pair[1],
@@ -422,9 +412,12 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
 
 
 # The functions built for AVX-512: the v4 clones, the fp16 tile conversions, and
-# rmsprop_cpu_avx512.cpp (its loops, their table, and the entry that returns them).
+# rmsprop_cpu_avx512.cpp (its loops, their table, the entry that returns them, and the 8-bit
+# block codecs).
 _AVX512_FUNCTIONS = ("[clone .arch_x86_64_v4]", "_avx512(", "update_range_simd<", "simd_range_kernel<",
-                     "loops_by_flags<", "loop_for_flags<", "(anonymous namespace)::lookup<")
+                     "loops_by_flags<", "loop_for_flags<", "(anonymous namespace)::lookup<",
+                     "(anonymous namespace)::block_lanes(", "cpu::decode_block_simd(",
+                     "cpu::encode_block_simd(")
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
@@ -437,6 +430,20 @@ def test_only_the_avx512_code_uses_avx512_registers():
     offenders = [name for name, code in _disassembled_functions().items()
                  if ("%zmm" in code or "%k1" in code or "{%k" in code) and not any(f in name for f in _AVX512_FUNCTIONS)]
     assert not offenders, f"AVX-512 instructions outside the AVX-512 code: {offenders[:5]}"
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_the_8bit_block_codecs_gather_sixteen_lanes():
+    """The AVX-512 block codecs look their tables up with gathers, one vdivps per sixteen values,
+    and call nothing (blockwise_quant.h's scalar codecs are the fallback, not a callee)."""
+    functions = _disassembled_functions()
+    for codec, gathers in (("cpu::decode_block_simd(", 1), ("cpu::encode_block_simd(", 4)):
+        code = "\n".join(c for name, c in functions.items() if codec in name)  # with its .cold part
+        found = [line for line in code.splitlines() if "gatherd" in line and "%zmm" in line]
+        assert len(found) >= gathers, f"{codec}: {len(found)} zmm gathers, expected {gathers}"
+        assert "call" not in code, f"{codec}: calls a function"
+    encode = "\n".join(c for name, c in functions.items() if "cpu::encode_block_simd(" in name)
+    assert "vdivps" in encode and "%zmm" in encode
 
 
 # The SIMD loops rmsprop_cpu_avx512.cpp builds: (param, state, centered, momentum, unscale,

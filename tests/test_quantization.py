@@ -82,9 +82,11 @@ def _hard_values(code: torch.Tensor, seed: int) -> torch.Tensor:
 
 @needs_extension
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_quantizers_pick_the_nearest_code(signed):
+@pytest.mark.parametrize("cpu_loop", ["simd-loop", "compiler-loop"], indirect=True)
+def test_quantizers_pick_the_nearest_code(signed, cpu_loop):
     """Three quantizers must agree with a brute-force search: the reference's (torch ops), the
-    GPU kernels' branchless binary search, and the CPU kernel's bucket table (FloorTable)."""
+    GPU kernels' branchless binary search, and the CPU kernel's bucket table (FloorTable), element
+    by element and in AVX-512 lanes."""
     code = q.dynamic_map(signed)
     x = _hard_values(code, fresh_seed())
     x = x[~torch.isinf(x)]  # a normalised value x / max|x| is finite, or NaN (then code 0)
@@ -103,7 +105,8 @@ def test_quantizers_pick_the_nearest_code(signed):
 
 @needs_extension
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_blockwise_quantization_of_the_kernels_and_the_reference_agree(signed):
+@pytest.mark.parametrize("cpu_loop", ["simd-loop", "compiler-loop"], indirect=True)
+def test_blockwise_quantization_of_the_kernels_and_the_reference_agree(signed, cpu_loop):
     gen = torch.Generator().manual_seed(fresh_seed())
     x = torch.randn(5 * 256 + 77, generator=gen) * torch.logspace(-6, 2, 5 * 256 + 77)
     x[300] = math.nan  # one NaN: that block's scale is NaN, the others are untouched

@@ -238,26 +238,12 @@ constexpr bool kHasSimdLoop =
      std::is_same_v<typename K::state_type, float>) &&
     !K::kStochastic;
 
-// The codes and the scale of a block of `count` updated values.
-inline __attribute__((always_inline)) void encode_block(const float* __restrict__ values,
-                                                        int64_t count, uint8_t* __restrict__ codes,
-                                                        float* __restrict__ scale,
-                                                        const quantization::FloorTable& table) {
-  quantization::AbsMax absmax;
-  for (int64_t k = 0; k < count; ++k) absmax.add(values[k]);
-  const float new_scale = absmax.scale();
-  *scale = new_scale;
-  for (int64_t k = 0; k < count; ++k) {
-    codes[k] = table.quantize(quantization::normalize(values[k], new_scale));
-  }
-}
-
 // Whole 256-element blocks [first_block, last_block) of one tensor with 8-bit state: decode the
 // block's state with its old scales, update every element, then encode the new state with the new
-// scales (the maxima of the updated block), all in one pass over the block. The decoding and
-// encoding loops read code tables (GCC's tuning keeps gathers out of them, and they are cheap as
-// scalar loads: one read to decode, two to find a code with FloorTable); the update between them
-// works on the block's decoded values in L1 and vectorises as update_range does.
+// scales (the maxima of the updated block), all in one pass over the block. Decoding and encoding
+// read code tables: with AVX-512 gathers where the CPU has them, else element by element (GCC's
+// tuning keeps gathers out of its own loops); the update between them works on the block's
+// decoded values in L1 and vectorises as update_range does.
 template <class K>
 RMSPROP_CPU_CLONES void update_quantized_blocks(
     typename K::P* __restrict__ param, typename K::P* __restrict__ grad,
@@ -279,21 +265,12 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kBlock;
     const int64_t count = std::min(kBlock, numel - begin);
-    const float v_scale = square_avg_scale[block];
-    for (int64_t k = 0; k < count; ++k) {
-      v[k] = quantization::dequantize(square_avg[begin + k], v_scale, unsigned_map);
-    }
+    decode_state_block(square_avg + begin, count, square_avg_scale[block], unsigned_map, v);
     if constexpr (V::kCentered) {
-      const float m_scale = grad_avg_scale[block];
-      for (int64_t k = 0; k < count; ++k) {
-        m[k] = quantization::dequantize(grad_avg[begin + k], m_scale, signed_map);
-      }
+      decode_state_block(grad_avg + begin, count, grad_avg_scale[block], signed_map, m);
     }
     if constexpr (V::kMomentum) {
-      const float b_scale = momentum_buffer_scale[block];
-      for (int64_t k = 0; k < count; ++k) {
-        b[k] = quantization::dequantize(momentum_buffer[begin + k], b_scale, signed_map);
-      }
+      decode_state_block(momentum_buffer + begin, count, momentum_buffer_scale[block], signed_map, b);
     }
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) {
@@ -310,12 +287,13 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
       if (V::kCentered) m[k] = mk;
       if (V::kMomentum) b[k] = bk;
     }
-    encode_block(v, count, square_avg + begin, square_avg_scale + block, unsigned_table);
+    encode_state_block(v, count, square_avg + begin, square_avg_scale + block, unsigned_table);
     if constexpr (V::kCentered) {
-      encode_block(m, count, grad_avg + begin, grad_avg_scale + block, signed_table);
+      encode_state_block(m, count, grad_avg + begin, grad_avg_scale + block, signed_table);
     }
     if constexpr (V::kMomentum) {
-      encode_block(b, count, momentum_buffer + begin, momentum_buffer_scale + block, signed_table);
+      encode_state_block(b, count, momentum_buffer + begin, momentum_buffer_scale + block,
+                         signed_table);
     }
   }
 }

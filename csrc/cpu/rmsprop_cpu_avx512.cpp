@@ -1,5 +1,6 @@
 // The CPU step for bfloat16 and float16 params where the CPU has AVX-512 with BF16 (Sapphire
-// Rapids and later Xeons, AMD Zen 4 and later): rmsprop_update on sixteen float32 lanes
+// Rapids and later Xeons, AMD Zen 4 and later), and the codecs of 8-bit state blocks with
+// gathers (for any param dtype): rmsprop_update on sixteen float32 lanes
 // (simd_lanes.h), loading and storing each 16-bit stream with the conversion instructions. The
 // 16-bit step is compute-bound on two cores: its vsqrtps and vdivps keep the divider busy for
 // about half of it, and the compiler-vectorised loop of cpu_kernel.h spends most of the rest on
@@ -199,7 +200,80 @@ SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags& f) {
                 unsigned(f.extended) << 3 | unsigned(f.variance_state) << 4];
 }
 
+// Lanes [k, min(k + 16, count)) of a block.
+__mmask16 block_lanes(int64_t k, int64_t count) {
+  return static_cast<__mmask16>((1u << std::min<int64_t>(16, count - k)) - 1);
+}
+
 }  // namespace
+
+// 8-bit state blocks: blockwise_quant.h's decode_block and encode_block, lane for lane.
+void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const float* map,
+                       float* values) {
+  const __m512 scales = _mm512_set1_ps(scale);
+  for (int64_t k = 0; k < count; k += 16) {
+    const __mmask16 lanes = block_lanes(k, count);
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, codes + k));
+    const __m512 entry = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, code, map, 4);
+    _mm512_mask_storeu_ps(values + k, lanes, _mm512_mul_ps(entry, scales));  // dequantize
+  }
+}
+
+void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
+                       const quantization::FloorTable& table) {
+  using quantization::FloorTable;
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  // AbsMax: the integer maximum of the magnitudes' bits
+  __m512i largest = _mm512_setzero_si512();
+  for (int64_t k = 0; k < count; k += 16) {
+    const __m512i bits = _mm512_maskz_loadu_epi32(block_lanes(k, count), values + k);
+    largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude));
+  }
+  quantization::AbsMax absmax;
+  absmax.bits = _mm512_reduce_max_epu32(largest);
+  const float new_scale = absmax.scale();
+  *scale = new_scale;
+  const bool normalizes = new_scale > 0.0f;  // normalize(): else every value is 0
+  const __m512 scales = _mm512_set1_ps(new_scale);
+  const __m512i last_bucket = _mm512_set1_epi32(FloorTable::kBuckets - 1);
+  const __m512i negative_half = _mm512_set1_epi32(FloorTable::kBuckets);
+  const __m512i last_code = _mm512_set1_epi32(quantization::kCodes - 1);
+  const __m512i one = _mm512_set1_epi32(1);
+  const float* map = table.map();
+  for (int64_t k = 0; k < count; k += 16) {
+    const __mmask16 lanes = block_lanes(k, count);
+    const __m512 x = normalizes ? _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, values + k), scales)
+                                : _mm512_setzero_ps();
+    // FloorTable::floor: the bucket's first code (a byte, gathered as the low byte of four), the
+    // two codes after it, and their entries
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i bucket = _mm512_min_epu32(
+        _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), FloorTable::kShift), last_bucket);
+    const __m512i index =
+        _mm512_add_epi32(bucket, _mm512_and_si512(_mm512_srai_epi32(bits, 31), negative_half));
+    const __m512i first = _mm512_and_si512(
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, index, table.first_codes(), 1),
+        _mm512_set1_epi32(0xFF));
+    const __m512i next = _mm512_min_epi32(_mm512_add_epi32(first, one), last_code);
+    const __m512i after = _mm512_min_epi32(_mm512_add_epi32(next, one), last_code);
+    const __m512 at_first = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, first, map, 4);
+    const __m512 at_next = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, next, map, 4);
+    const __m512 at_after = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, after, map, 4);
+    // floor() is next where map[next] <= x; nearest_code takes the entry above where strictly
+    // nearer; NaN gets code 0
+    const __mmask16 up = _mm512_cmp_ps_mask(at_next, x, _CMP_LE_OQ);
+    const __m512i below = _mm512_mask_mov_epi32(first, up, next);
+    const __m512i above = _mm512_mask_mov_epi32(next, up, after);
+    const __m512 distance_below = _mm512_sub_ps(x, _mm512_mask_mov_ps(at_first, up, at_next));
+    const __m512 distance_above = _mm512_sub_ps(_mm512_mask_mov_ps(at_next, up, at_after), x);
+    const __mmask16 nearer_above = _mm512_cmp_ps_mask(distance_above, distance_below, _CMP_LT_OQ);
+    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
+    const __m512i code =
+        _mm512_maskz_mov_epi32(number, _mm512_mask_mov_epi32(below, nearer_above, above));
+    _mm512_mask_cvtepi32_storeu_epi8(codes + k, lanes, code);
+  }
+}
+
 }  // namespace cpu
 }  // namespace rmsprop_fused
 
@@ -213,6 +287,9 @@ SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags&) {
   return nullptr;  // never asked: simd_kernels_available() is false
 }
 }  // namespace
+// never called: simd_kernels_available() is false
+void decode_block_simd(const uint8_t*, int64_t, float, const float*, float*) {}
+void encode_block_simd(const float*, int64_t, uint8_t*, float*, const quantization::FloorTable&) {}
 }  // namespace cpu
 }  // namespace rmsprop_fused
 #endif

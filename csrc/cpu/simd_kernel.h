@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "../blockwise_quant.h"
 #include "../element_codec.h"
 
 namespace rmsprop_fused {
@@ -14,7 +15,7 @@ struct StepScalars;
 namespace cpu {
 
 // What a loop instantiation is specialised on (cpu_kernel.h Kernel, less what this loop lacks:
-// stochastic rounding and 8-bit state stay with the compiler-vectorised loops).
+// stochastic rounding and the update of 8-bit state stay with the compiler-vectorised loops).
 struct SimdKernelFlags {
   bool centered;
   bool momentum;
@@ -44,6 +45,34 @@ bool set_simd_kernels_enabled(bool enabled);
 // float state; call only where simd_kernels_available().
 template <typename param_t, typename state_t>
 SimdRangeFn<param_t, state_t> simd_range_kernel(const SimdKernelFlags& flags);
+
+// decode_block and encode_block of blockwise_quant.h sixteen lanes at a time (gathers from the
+// code map and the bucket table): the same comparisons, so the same codes and values. Call only
+// where simd_kernels_available().
+void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const float* map,
+                       float* values);
+void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
+                       const quantization::FloorTable& table);
+
+// The block codecs of the CPU step and of the quantize_blockwise op: the AVX-512 ones where they
+// run, else blockwise_quant.h's.
+inline void decode_state_block(const uint8_t* codes, int64_t count, float scale, const float* map,
+                               float* values) {
+  if (simd_kernels_available()) {
+    decode_block_simd(codes, count, scale, map, values);
+  } else {
+    quantization::decode_block(codes, count, scale, map, values);
+  }
+}
+
+inline void encode_state_block(const float* values, int64_t count, uint8_t* codes, float* scale,
+                               const quantization::FloorTable& table) {
+  if (simd_kernels_available()) {
+    encode_block_simd(values, count, codes, scale, table);
+  } else {
+    quantization::encode_block(values, count, codes, scale, table);
+  }
+}
 
 }  // namespace cpu
 }  // namespace rmsprop_fused
