@@ -26,7 +26,7 @@ def main() -> int:
         print(f"extension built against torch {info['torch_version']}; {cuda}")
     if _extension.load_error is None:
         simd = _extension._module.cpu_simd_isa()
-        print(f"CPU step for 16-bit params: {simd + ' loop' if simd else 'compiler-vectorised loop'}")
+        print(f"CPU step for 16-bit values and 8-bit state: {simd + ' code' if simd else 'compiler-vectorised loop, scalar 8-bit codecs'}")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     print(f"GPUs visible: {', '.join(gpus) if gpus else 'none'}")
     print()

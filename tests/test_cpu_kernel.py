@@ -19,16 +19,22 @@ pytestmark = pytest.mark.skipif(not available("cpu"), reason="the C++ extension 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 3, 4, 4097, 65537, 2**20 + 3]
 
-# 16-bit params run the CPU step's own AVX-512 loop (rmsprop_cpu_avx512.cpp) where the CPU has
-# AVX-512 BF16, else the compiler-vectorised loop of cpu_kernel.h, and 8-bit state blocks are
+# Pairs that store 16-bit values (16-bit params; float32 params with bfloat16 state) run the CPU
+# step's own AVX-512 loop (rmsprop_cpu_avx512.cpp) where the CPU has AVX-512 BF16, else the
+# compiler-vectorised loop of cpu_kernel.h, and 8-bit state blocks are
 # decoded and encoded by that file's gathers, else element by element: where both run, both are
 # tested.
 LOOPS = ["simd-loop", "compiler-loop"]
 
 
+# the pairs of the AVX-512 loop (cpu_kernel.h kHasSimdLoop): every one that stores a 16-bit stream
+SIXTEEN_BIT_PAIRS = [pair for pair in STATE_PAIRS
+                     if set(pair) & {torch.bfloat16, torch.float16} and torch.uint8 not in pair]
+
+
 def _has_simd_loop(dtype, state_dtype=None) -> bool:
-    return (dtype in (torch.bfloat16, torch.float16) and state_dtype in (None, dtype, torch.float32)
-            or state_dtype == torch.uint8)
+    """Whether the AVX-512 code runs the pair: its loop, or the 8-bit block codecs."""
+    return (dtype, state_dtype or dtype) in SIXTEEN_BIT_PAIRS or state_dtype == torch.uint8
 
 
 def with_loops(name: str, values, has_simd=_has_simd_loop):
@@ -146,28 +152,35 @@ def test_8bit_state_across_threads(pair, cpu_loop):
 CANONICAL_NAN = {torch.float16: (0x7FFF, 0x7E00), torch.bfloat16: (-1, 0x7FC0)}
 
 
-@with_loops("pair", [(d, s) for d in (torch.float16, torch.bfloat16) for s in (d, torch.float32)])
+def _every_16_bit_value(dtype) -> torch.Tensor:
+    return torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@with_loops("pair", SIXTEEN_BIT_PAIRS)
 def test_every_16_bit_pattern_converts_as_the_codec(pair, cpu_loop):
     """16-bit streams are converted with the CPU's instructions where it has them (the SIMD loop;
     fp16 tiles of half_tiles.h otherwise), which round NaNs (and, vcvtneps2bf16, subnormals)
-    otherwise than the codecs: every one of the 65,536 values as a param, a grad and a state value
+    otherwise than the codecs: every one of the 65,536 values of each 16-bit dtype of the pair as
+    a param and a grad (widened exactly where the params are float32) and as a 16-bit state value
     (subnormals, infinities, NaNs with payloads), tensors cut at odd sizes, against the reference
     to the bit; the NaNs in the same places and each the codec's quiet NaN (their signs are
     torch's in the reference, so only the places are compared)."""
     dtype, state_dtype = pair
-    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(fresh_seed()))]
+    generator = torch.Generator().manual_seed(fresh_seed())
+    every = _every_16_bit_value(dtype if dtype in CANONICAL_NAN else state_dtype)
+    shuffled = every[torch.randperm(every.numel(), generator=generator)]
     sizes = [1, 255, 257, every.numel() - 513]
     lists = make_lists(sizes, dtype, momentum=0.9, state_dtype=state_dtype, seed=fresh_seed())
     for key, source in (("params", every), ("grads", shuffled)):
         for t, part in zip(lists[key], source.split(sizes)):
             t.copy_(part.view(t.shape))
-    if state_dtype == dtype:  # square_avg >= 0 (sqrt); momentum: every value
-        for t, part in zip(lists["square_avgs"], every.abs().flip(0).split(sizes)):
+    if state_dtype in CANONICAL_NAN:  # square_avg >= 0 (sqrt); momentum: every value
+        every_state = _every_16_bit_value(state_dtype)
+        for t, part in zip(lists["square_avgs"], every_state.abs().flip(0).split(sizes)):
             t.copy_(part.view(t.shape))
-        for t, part in zip(lists["momentum_buffers"], shuffled.flip(0).split(sizes)):
+        shuffled_state = every_state[torch.randperm(every_state.numel(), generator=generator)]
+        for t, part in zip(lists["momentum_buffers"], shuffled_state.split(sizes)):
             t.copy_(part.view(t.shape))
-    mask, canonical = CANONICAL_NAN[dtype]
     expected, actual = clone_lists(lists), clone_lists(lists)
     for options in (dict(momentum=0.9), dict(momentum=0.9, grad_scale=torch.tensor(0.5))):
         step(expected, "reference", **options)
@@ -176,21 +189,25 @@ def test_every_16_bit_pattern_converts_as_the_codec(pair, cpu_loop):
             for i, (a, e) in enumerate(zip(actual[key], expected[key])):
                 nan = a.isnan()
                 assert torch.equal(nan, e.isnan()), f"{options}: {key}[{i}]: NaN in other places"
-                bits = torch.int16 if a.dtype == dtype else torch.int32
+                bits = torch.int16 if a.dtype in CANONICAL_NAN else torch.int32
                 different = int((a.view(bits) != e.view(bits))[~nan].sum())
                 assert different == 0, f"{options}: {key}[{i}]: {different} elements differ in their bits"
                 written = key != "grads" or "grad_scale" in options  # (AMP writes the grads back)
-                if a.dtype == dtype and written:
+                if a.dtype in CANONICAL_NAN and written:
+                    mask, canonical = CANONICAL_NAN[a.dtype]
                     assert bool(((a[nan].view(torch.int16) & mask) == canonical).all()), f"{key}[{i}]: NaN not canonical"
 
 
-@with_loops("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_every_element_is_written(dtype, cpu_loop):
+@with_loops("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                     (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
+def test_every_element_is_written(pair, cpu_loop):
     """The update is in place, so "written" means "changed": with random inputs every element of
     the param and of each state tensor gets a new value, and a skipped element would keep its old
     one. (The values themselves are checked against the reference above.) Sizes end inside a
     vector and a cache line of every width."""
-    lists = make_lists([1, 3, 15, 17, 33, 4097, 65537, 2**20 + 3], dtype, centered=True, momentum=0.9, seed=fresh_seed())
+    dtype, state_dtype = pair
+    lists = make_lists([1, 3, 15, 17, 33, 4097, 65537, 2**20 + 3], dtype, centered=True, momentum=0.9,
+                       state_dtype=state_dtype, seed=fresh_seed())
     # |g| >= 2 and square_avg < 1.2, so with alpha = 0.5 and lr = 0.1 each value moves by far more
     # than half a bf16 ulp: square_avg by over 1, grad_avg by over 0.9, the momentum buffer by
     # about 0.2 (lr * g / sqrt(variance), the variance about g^2 / 4) and the param by lr times that
@@ -448,7 +465,6 @@ def test_the_8bit_block_codecs_gather_sixteen_lanes():
 
 # The SIMD loops rmsprop_cpu_avx512.cpp builds: (param, state, centered, momentum, unscale,
 # extended, variance state), variance state for centered extended state of bfloat16 or float32
-SIMD_PAIRS = [(d, s) for d in (torch.bfloat16, torch.float16) for s in (d, torch.float32)]
 
 
 def _simd_instantiation(name: str) -> tuple:
@@ -464,14 +480,14 @@ def test_every_simd_loop_converts_with_the_instructions():
     """Every flag combination has its SIMD loop, and each converts its 16-bit stores with one
     instruction (vcvtneps2bf16, vcvtps2ph), takes sqrt 16 lanes at a time and calls nothing."""
     loops = {name: code for name, code in _disassembled_functions().items() if "update_range_simd<" in name}
-    expected = {(p, s, c, m, u, e, var) for p, s in SIMD_PAIRS
+    expected = {(p, s, c, m, u, e, var) for p, s in SIXTEEN_BIT_PAIRS
                 for c, m, u, e, var in itertools.product((False, True), repeat=5)
                 if not var or (c and e and s != torch.float16)}
     found = {_simd_instantiation(name) for name in loops}
     assert found == expected, f"missing {expected - found}, unexpected {found - expected}"
+    instructions = {torch.bfloat16: "vcvtneps2bf16", torch.float16: "vcvtps2ph"}
     for name, code in loops.items():
-        param = _simd_instantiation(name)[0]
-        convert = "vcvtneps2bf16" if param == torch.bfloat16 else "vcvtps2ph"
-        assert convert in code, f"{name}: no {convert}"
+        for stored in set(_simd_instantiation(name)[:2]) & set(instructions):
+            assert instructions[stored] in code, f"{name}: no {instructions[stored]}"
         assert "vsqrtps %zmm" in code, f"{name}: no 16-lane sqrt"
         assert "call" not in code, f"{name}: calls a function"

@@ -228,14 +228,13 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
   }
 }
 
-// Whether the AVX-512 loop (rmsprop_cpu_avx512.cpp) has this kernel: 16-bit params, their own
-// dtype or float32 as state, nearest rounding.
+// Whether the AVX-512 loop (rmsprop_cpu_avx512.cpp) has this kernel: every pair that stores a
+// 16-bit stream (the compiler's loop spends much of its time in the codecs' integer rounding;
+// float32 with float32 state it streams at the memory's speed), 8-bit state aside, with nearest
+// rounding.
 template <class K>
 constexpr bool kHasSimdLoop =
-    (std::is_same_v<typename K::param_type, c10::BFloat16> ||
-     std::is_same_v<typename K::param_type, c10::Half>) &&
-    (std::is_same_v<typename K::state_type, typename K::param_type> ||
-     std::is_same_v<typename K::state_type, float>) &&
+    stores_16_bit<typename K::param_type, typename K::state_type>() && !K::kQuantized &&
     !K::kStochastic;
 
 // Whole 256-element blocks [first_block, last_block) of one tensor with 8-bit state: decode the

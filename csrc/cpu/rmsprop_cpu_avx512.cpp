@@ -1,4 +1,5 @@
-// The CPU step for bfloat16 and float16 params where the CPU has AVX-512 with BF16 (Sapphire
+// The CPU step for every (param, state) pair that stores 16-bit values (bfloat16 and float16
+// params, float32 params with bfloat16 state) where the CPU has AVX-512 with BF16 (Sapphire
 // Rapids and later Xeons, AMD Zen 4 and later), and the codecs of 8-bit state blocks with
 // gathers (for any param dtype): rmsprop_update on sixteen float32 lanes
 // (simd_lanes.h), loading and storing each 16-bit stream with the conversion instructions. The
@@ -31,8 +32,10 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RMSPROP_CPU_SIMD_KERNELS 1
-// GCC 12's own conversion intrinsics start from an undefined vector that it then warns about.
+// GCC 12's own conversion and reduction intrinsics start from an undefined vector that it then
+// warns about.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "half_nans.h"
@@ -83,8 +86,8 @@ namespace {
 
 using simd::Lanes16;
 
-// Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of float32
-// state), each stream prefetched prefetch_bytes() of params ahead, up to the range's last element;
+// Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of each float32
+// one), each stream prefetched prefetch_bytes() of params ahead, up to the range's last element;
 // the last under 32 sixteen at a time with masked loads and stores. bfloat16 params with
 // bfloat16 state take the 32 as their even and odd elements (LaneCodec load_interleaved).
 template <typename param_t, typename state_t, class V, bool kVarianceState>
@@ -146,20 +149,25 @@ void update_range_simd(typename ElementCodec<param_t>::storage_t* __restrict__ p
     if constexpr (V::kCentered) SC::store_pair(grad_avg + i, low.m, high.m);
     if constexpr (V::kMomentum) SC::store_pair(momentum_buffer + i, low.b, high.b);
   };
-  constexpr int64_t kStep = kCacheLineBytes / sizeof(P);
-  static_assert(kStep == 32, "a cache line of 16-bit params is two vectors of lanes");
+  constexpr int64_t kStep = 32;
+  static_assert(kStep * std::min(sizeof(P), sizeof(S)) == kCacheLineBytes,
+                "32 elements are a cache line of the 16-bit streams");
   const int64_t distance = prefetch_bytes() / int64_t(sizeof(P));
+  constexpr bool kWideParams = sizeof(P) == 4;
   constexpr bool kWideState = sizeof(S) == 4;
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
     const int64_t ahead = std::min(i + distance, end - 1);
-    prefetch_line(param, ahead);
-    prefetch_line(grad, ahead);
-    const int64_t state_ahead[] = {ahead, std::min(ahead + 16, end - 1)};
+    // a float32 stream's second line starts 16 elements on
+    const int64_t lines_ahead[] = {ahead, std::min(ahead + 16, end - 1)};
+    for (int64_t k = 0; k < (kWideParams ? 2 : 1); ++k) {
+      prefetch_line(param, lines_ahead[k]);
+      prefetch_line(grad, lines_ahead[k]);
+    }
     for (int64_t k = 0; k < (kWideState ? 2 : 1); ++k) {
-      prefetch_line(square_avg, state_ahead[k]);
-      if constexpr (V::kCentered) prefetch_line(grad_avg, state_ahead[k]);
-      if constexpr (V::kMomentum) prefetch_line(momentum_buffer, state_ahead[k]);
+      prefetch_line(square_avg, lines_ahead[k]);
+      if constexpr (V::kCentered) prefetch_line(grad_avg, lines_ahead[k]);
+      if constexpr (V::kMomentum) prefetch_line(momentum_buffer, lines_ahead[k]);
     }
     if constexpr (std::is_same_v<param_t, c10::BFloat16> && std::is_same_v<state_t, c10::BFloat16>) {
       update_interleaved(i);
@@ -312,6 +320,14 @@ SimdRangeFn<c10::Half, c10::Half> simd_range_kernel<c10::Half, c10::Half>(const 
 template <>
 SimdRangeFn<c10::Half, float> simd_range_kernel<c10::Half, float>(const SimdKernelFlags& f) {
   return lookup<c10::Half, float>(f);
+}
+template <>
+SimdRangeFn<float, c10::BFloat16> simd_range_kernel<float, c10::BFloat16>(const SimdKernelFlags& f) {
+  return lookup<float, c10::BFloat16>(f);
+}
+template <>
+SimdRangeFn<c10::Half, c10::BFloat16> simd_range_kernel<c10::Half, c10::BFloat16>(const SimdKernelFlags& f) {
+  return lookup<c10::Half, c10::BFloat16>(f);
 }
 
 }  // namespace cpu
