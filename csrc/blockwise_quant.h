@@ -166,50 +166,58 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint8_t quantize(float x, const float* 
 }
 
 #if !defined(__CUDACC__)
-// floor_code in two reads instead of eight, for the CPU, where eight dependent reads per element
-// and state tensor cost more than the rest of the step. Buckets of 2^15 consecutive float bit
-// patterns (a 256th of a binade) hold at most one map entry each (the entries are at least 0.7%
-// apart; checked when the table is built), so floor_code(x) is the bucket's first code or the
-// next. Exactly floor_code's result, hence quantize's: the tests check it against both.
-class FloorTable {
+// quantize(x, map) in one read instead of eight dependent ones plus two, for the CPU, where those
+// reads per element and state tensor cost more than the rest of the step. A bucket is 2^15
+// consecutive float bit patterns of one sign (a 256th of a binade), and within one the code
+// changes at most once (quantize is monotone in x, and the map's entries, hence the points
+// between them where the nearer one changes, are at least 0.7% apart; checked when the table is
+// built). So each bucket's entry holds its code below a threshold, the threshold (the low 15 bits
+// of the first magnitude past it, 0x8000 for none) and the code from there on, found by
+// evaluating quantize itself: the same code as quantize for every float, which the tests check.
+class CodeTable {
  public:
   static constexpr int kShift = 15;
+  static constexpr uint32_t kLowBits = (UINT32_C(1) << kShift) - 1;
   static constexpr uint32_t kBuckets = (UINT32_C(0x3F800000) >> kShift) + 1;  // |x| up to 1.0
+  static constexpr uint32_t kNoThreshold = UINT32_C(1) << kShift;
 
-  explicit FloorTable(const float* map) : map_(map) {
-    for (uint32_t bucket = 0; bucket < kBuckets; ++bucket) {
-      const float low = bits_float(bucket << kShift);
-      const float high = bits_float(((bucket + 1) << kShift) - 1);  // the bucket's last float
-      first_[bucket] = static_cast<uint8_t>(floor_code(low, map));
-      first_[kBuckets + bucket] = static_cast<uint8_t>(floor_code(-high, map));
-      TORCH_INTERNAL_ASSERT(floor_code(high, map) - first_[bucket] <= 1 &&
-                                floor_code(-low, map) - first_[kBuckets + bucket] <= 1,
-                            "rmsprop_fused: a code map bucket holds two entries");
+  explicit CodeTable(const float* map) {
+    for (uint32_t sign = 0; sign < 2; ++sign) {
+      for (uint32_t bucket = 0; bucket < kBuckets; ++bucket) {
+        const uint32_t first = sign << 31 | bucket << kShift;
+        const auto code_at = [&](uint32_t low) -> uint32_t {
+          return quantization::quantize(bits_float(first | low), map);
+        };
+        const uint32_t below = code_at(0), above = code_at(kLowBits);
+        // the first low bits whose code is `above` (a binary search: the codes are monotone)
+        uint32_t threshold = below == above ? kNoThreshold : kLowBits;
+        for (uint32_t lo = 0; below != above && lo + 1 < threshold;) {
+          const uint32_t mid = (lo + threshold) / 2;
+          (code_at(mid) == above ? threshold : lo) = mid;
+        }
+        TORCH_INTERNAL_ASSERT((below > above ? below - above : above - below) <= 1 &&
+                                  (bucket < kBuckets - 1 || below == above),
+                              "rmsprop_fused: the code changes twice in a code map bucket, or in the last");
+        entries_[sign * kBuckets + bucket] = above << 24 | below << 16 | threshold;
+      }
     }
   }
 
-  // floor_code(x, map), with no branch on the data (signs and codes are unpredictable).
-  inline int floor(float x) const {
+  // quantize(x, map), with no branch on the data (signs and codes are unpredictable).
+  inline uint8_t quantize(float x) const {
     const uint32_t bits = float_bits(x);
-    uint32_t bucket = (bits & UINT32_C(0x7FFFFFFF)) >> kShift;
-    bucket = bucket < kBuckets ? bucket : kBuckets - 1;
-    const int first = first_[(bits >> 31) * kBuckets + bucket];  // negatives in the upper half
-    const int next = first + (first < kCodes - 1);
-    const int below = first + static_cast<int>(map_[next] <= x) * (next - first);
-    return static_cast<int>(x == x) * below;  // NaN: 0
+    const uint32_t magnitude = bits & UINT32_C(0x7FFFFFFF);
+    const uint32_t bucket = magnitude >> kShift < kBuckets ? magnitude >> kShift : kBuckets - 1;
+    const uint32_t entry = entries_[(bits >> 31) * kBuckets + bucket];  // negatives: upper half
+    const uint32_t code = (magnitude & kLowBits) >= (entry & 0xFFFF) ? entry >> 24 : entry >> 16 & 0xFF;
+    return static_cast<uint8_t>(x == x ? code : 0);  // NaN: 0
   }
 
-  inline uint8_t quantize(float x) const { return nearest_code(x, floor(x), map_); }
-
-  // For the AVX-512 encoder, which computes floor() lane by lane (rmsprop_cpu_avx512.cpp).
-  const float* map() const { return map_; }
-  const uint8_t* first_codes() const { return first_; }
+  // For the AVX-512 encoder, which reads the entries in sixteen lanes (rmsprop_cpu_avx512.cpp).
+  const uint32_t* entries() const { return entries_; }
 
  private:
-  const float* map_;
-  // The bucket's first code: for |x| in it, x >= 0, then x < 0. Three zero bytes past the end,
-  // for the AVX-512 encoder's four-byte gathers of the last buckets.
-  uint8_t first_[2 * kBuckets + 3] = {};
+  uint32_t entries_[2 * kBuckets];
 };
 #endif
 
@@ -241,9 +249,9 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float normalize(float x, float scale) {
 
 #if !defined(__CUDACC__)
 // The tables of the two maps, built on first use.
-inline const FloorTable& floor_table(bool is_signed) {
-  static const FloorTable signed_table(kSignedMap);
-  static const FloorTable unsigned_table(kUnsignedMap);
+inline const CodeTable& code_table(bool is_signed) {
+  static const CodeTable signed_table(kSignedMap);
+  static const CodeTable unsigned_table(kUnsignedMap);
   return is_signed ? signed_table : unsigned_table;
 }
 
@@ -257,7 +265,7 @@ inline void decode_block(const uint8_t* __restrict__ codes, int64_t count, float
 
 inline void encode_block(const float* __restrict__ values, int64_t count,
                          uint8_t* __restrict__ codes, float* __restrict__ scale,
-                         const FloorTable& table) {
+                         const CodeTable& table) {
   AbsMax absmax;
   for (int64_t k = 0; k < count; ++k) absmax.add(values[k]);
   const float new_scale = absmax.scale();

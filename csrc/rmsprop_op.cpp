@@ -167,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, 
   const int64_t n = values.numel();
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
   at::Tensor scales = at::empty({quant_blocks(n)}, values.options());
-  const quantization::FloorTable& table = quantization::floor_table(is_signed);
+  const quantization::CodeTable& table = quantization::code_table(is_signed);
   for (int64_t block = 0; block < quant_blocks(n); ++block) {
     const int64_t begin = block * quantization::kQuantBlock;
     cpu::encode_state_block(values.data_ptr<float>() + begin,

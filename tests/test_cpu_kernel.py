@@ -451,10 +451,11 @@ def test_only_the_avx512_code_uses_avx512_registers():
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
 def test_the_8bit_block_codecs_gather_sixteen_lanes():
-    """The AVX-512 block codecs look their tables up with gathers, one vdivps per sixteen values,
-    and call nothing (blockwise_quant.h's scalar codecs are the fallback, not a callee)."""
+    """The AVX-512 block codecs look their tables up with gathers (decode the map, encode the
+    code table), one vdivps per sixteen values, and call nothing (blockwise_quant.h's scalar
+    codecs are the fallback, not a callee)."""
     functions = _disassembled_functions()
-    for codec, gathers in (("cpu::decode_block_simd(", 1), ("cpu::encode_block_simd(", 4)):
+    for codec, gathers in (("cpu::decode_block_simd(", 1), ("cpu::encode_block_simd(", 1)):
         code = "\n".join(c for name, c in functions.items() if codec in name)  # with its .cold part
         found = [line for line in code.splitlines() if "gatherd" in line and "%zmm" in line]
         assert len(found) >= gathers, f"{codec}: {len(found)} zmm gathers, expected {gathers}"
@@ -463,11 +464,8 @@ def test_the_8bit_block_codecs_gather_sixteen_lanes():
     assert "vdivps" in encode and "%zmm" in encode
 
 
-# The SIMD loops rmsprop_cpu_avx512.cpp builds: (param, state, centered, momentum, unscale,
-# extended, variance state), variance state for centered extended state of bfloat16 or float32
-
-
 def _simd_instantiation(name: str) -> tuple:
+    """A SIMD loop's (param, state, centered, momentum, unscale, extended, variance state)."""
     args = name.split("update_range_simd<", 1)[1]
     param, state, rest = args.split(", ", 2)
     variant, variance = rest.split("UpdateVariant<", 1)[1].split(">, ", 1)

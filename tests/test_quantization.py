@@ -80,12 +80,22 @@ def _hard_values(code: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.cat([near, up, down, special, random])
 
 
+def _encode_with_scale_one(x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The CPU kernel's codes of x (values in [-1, 1]), through block encodes whose scale is 1: 255
+    of them and a 1 in each block."""
+    rows = torch.cat([x, torch.zeros((-x.numel()) % 255)]).view(-1, 255)
+    blocks = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1).reshape(-1)
+    codes, scales = torch.ops.rmsprop_fused.quantize_blockwise(blocks, signed)
+    assert bool((scales == 1).all())
+    return codes.view(-1, 256)[:, :255].reshape(-1)[: x.numel()]
+
+
 @needs_extension
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
 @pytest.mark.parametrize("cpu_loop", ["simd-loop", "compiler-loop"], indirect=True)
 def test_quantizers_pick_the_nearest_code(signed, cpu_loop):
     """Three quantizers must agree with a brute-force search: the reference's (torch ops), the
-    GPU kernels' branchless binary search, and the CPU kernel's bucket table (FloorTable), element
+    GPU kernels' branchless binary search, and the CPU kernel's bucket table (CodeTable), element
     by element and in AVX-512 lanes."""
     code = q.dynamic_map(signed)
     x = _hard_values(code, fresh_seed())
@@ -93,14 +103,37 @@ def test_quantizers_pick_the_nearest_code(signed, cpu_loop):
     expected = _brute_force_codes(x, code)
     assert torch.equal(q.quantize(x, code), expected)
     assert torch.equal(torch.ops.rmsprop_fused.quantize_code(x, signed), expected)
-    # the CPU kernel's path (FloorTable), through block encodes whose scale is 1: every value
-    # in [-1, 1], with a 1 in each block
+    # the CPU kernel's path (CodeTable): every value in [-1, 1]
     inside = x[torch.isfinite(x) & (x.abs() <= 1)]
-    inside = inside[: inside.numel() // 255 * 255].view(-1, 255)
-    blocks = torch.cat([inside, torch.ones(inside.shape[0], 1)], dim=1).reshape(-1)
-    codes, scales = torch.ops.rmsprop_fused.quantize_blockwise(blocks, signed)
-    assert bool((scales == 1).all())
-    assert torch.equal(codes, _brute_force_codes(blocks, code))
+    assert torch.equal(_encode_with_scale_one(inside, signed), _brute_force_codes(inside, code))
+
+
+CODE_TABLE_SHIFT = 15  # blockwise_quant.h CodeTable: buckets of 2^15 consecutive float bit patterns
+
+
+@needs_extension
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+@pytest.mark.parametrize("cpu_loop", ["simd-loop", "compiler-loop"], indirect=True)
+def test_the_cpu_code_table_is_the_binary_search(signed, cpu_loop):
+    """The CPU encoders' table (one code below and one past a threshold in each bucket of float
+    bit patterns) against the binary search and nearest_code it is built from, over [-1, 1] of
+    both signs: both ends and the first 64 patterns past either side of every bucket's boundary,
+    every 127th pattern from a random offset, and the 64 floats either side of every midpoint
+    between neighbouring entries (where the thresholds are): 25M values."""
+    code = q.dynamic_map(signed)
+    one = 0x3F800000  # 1.0f
+    starts = torch.arange(0, one + 1, 1 << CODE_TABLE_SHIFT, dtype=torch.int64)
+    edges = (starts[:, None] + torch.arange(-64, 64)[None, :]).reshape(-1)
+    offset = int(torch.randint(127, (1,), generator=torch.Generator().manual_seed(fresh_seed())))
+    sweep = torch.arange(offset, one + 1, 127, dtype=torch.int64)
+    midpoints = ((code[1:] + code[:-1]) / 2).abs().view(torch.int32).to(torch.int64)
+    around = (midpoints[:, None] + torch.arange(-64, 65)[None, :]).reshape(-1)
+    magnitudes = torch.cat([edges, sweep, around]).clamp(0, one).to(torch.int32)
+    x = torch.cat([magnitudes, magnitudes | torch.tensor(-2**31, dtype=torch.int32)]).view(torch.float32)
+    expected = torch.ops.rmsprop_fused.quantize_code(x, signed)
+    actual = _encode_with_scale_one(x, signed)
+    wrong = (actual != expected).nonzero().flatten()
+    assert wrong.numel() == 0, f"{wrong.numel()} codes differ, first at {x[wrong[:5]].tolist()}"
 
 
 @needs_extension

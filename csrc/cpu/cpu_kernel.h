@@ -256,8 +256,8 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
   constexpr int64_t kBlock = quantization::kQuantBlock;
   const float* const unsigned_map = quantization::code_map(false);
   const float* const signed_map = quantization::code_map(true);
-  const quantization::FloorTable& unsigned_table = quantization::floor_table(false);
-  const quantization::FloorTable& signed_table = quantization::floor_table(true);
+  const quantization::CodeTable& unsigned_table = quantization::code_table(false);
+  const quantization::CodeTable& signed_table = quantization::code_table(true);
   float v[kBlock];
   float m[kBlock];
   float b[kBlock];

@@ -228,14 +228,14 @@ void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const f
 }
 
 void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
-                       const quantization::FloorTable& table) {
-  using quantization::FloorTable;
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+                       const quantization::CodeTable& table) {
+  using quantization::CodeTable;
+  const __m512i magnitude_bits = _mm512_set1_epi32(0x7FFFFFFF);
   // AbsMax: the integer maximum of the magnitudes' bits
   __m512i largest = _mm512_setzero_si512();
   for (int64_t k = 0; k < count; k += 16) {
     const __m512i bits = _mm512_maskz_loadu_epi32(block_lanes(k, count), values + k);
-    largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude));
+    largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude_bits));
   }
   quantization::AbsMax absmax;
   absmax.bits = _mm512_reduce_max_epu32(largest);
@@ -243,42 +243,29 @@ void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float
   *scale = new_scale;
   const bool normalizes = new_scale > 0.0f;  // normalize(): else every value is 0
   const __m512 scales = _mm512_set1_ps(new_scale);
-  const __m512i last_bucket = _mm512_set1_epi32(FloorTable::kBuckets - 1);
-  const __m512i negative_half = _mm512_set1_epi32(FloorTable::kBuckets);
-  const __m512i last_code = _mm512_set1_epi32(quantization::kCodes - 1);
-  const __m512i one = _mm512_set1_epi32(1);
-  const float* map = table.map();
+  const __m512i last_bucket = _mm512_set1_epi32(CodeTable::kBuckets - 1);
+  const __m512i negative_half = _mm512_set1_epi32(CodeTable::kBuckets);
+  const __m512i low_bits = _mm512_set1_epi32(CodeTable::kLowBits);
+  const __m512i low_half = _mm512_set1_epi32(0xFFFF);
+  const __m512i byte = _mm512_set1_epi32(0xFF);
   for (int64_t k = 0; k < count; k += 16) {
     const __mmask16 lanes = block_lanes(k, count);
     const __m512 x = normalizes ? _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, values + k), scales)
                                 : _mm512_setzero_ps();
-    // FloorTable::floor: the bucket's first code (a byte, gathered as the low byte of four), the
-    // two codes after it, and their entries
+    // CodeTable::quantize: the bucket's entry, then its code below or past the threshold
     const __m512i bits = _mm512_castps_si512(x);
-    const __m512i bucket = _mm512_min_epu32(
-        _mm512_srli_epi32(_mm512_and_si512(bits, magnitude), FloorTable::kShift), last_bucket);
+    const __m512i magnitude = _mm512_and_si512(bits, magnitude_bits);
+    const __m512i bucket = _mm512_min_epu32(_mm512_srli_epi32(magnitude, CodeTable::kShift), last_bucket);
     const __m512i index =
         _mm512_add_epi32(bucket, _mm512_and_si512(_mm512_srai_epi32(bits, 31), negative_half));
-    const __m512i first = _mm512_and_si512(
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, index, table.first_codes(), 1),
-        _mm512_set1_epi32(0xFF));
-    const __m512i next = _mm512_min_epi32(_mm512_add_epi32(first, one), last_code);
-    const __m512i after = _mm512_min_epi32(_mm512_add_epi32(next, one), last_code);
-    const __m512 at_first = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, first, map, 4);
-    const __m512 at_next = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, next, map, 4);
-    const __m512 at_after = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, after, map, 4);
-    // floor() is next where map[next] <= x; nearest_code takes the entry above where strictly
-    // nearer; NaN gets code 0
-    const __mmask16 up = _mm512_cmp_ps_mask(at_next, x, _CMP_LE_OQ);
-    const __m512i below = _mm512_mask_mov_epi32(first, up, next);
-    const __m512i above = _mm512_mask_mov_epi32(next, up, after);
-    const __m512 distance_below = _mm512_sub_ps(x, _mm512_mask_mov_ps(at_first, up, at_next));
-    const __m512 distance_above = _mm512_sub_ps(_mm512_mask_mov_ps(at_next, up, at_after), x);
-    const __mmask16 nearer_above = _mm512_cmp_ps_mask(distance_above, distance_below, _CMP_LT_OQ);
-    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);
-    const __m512i code =
-        _mm512_maskz_mov_epi32(number, _mm512_mask_mov_epi32(below, nearer_above, above));
-    _mm512_mask_cvtepi32_storeu_epi8(codes + k, lanes, code);
+    const __m512i entry =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, index, table.entries(), 4);
+    const __mmask16 past = _mm512_cmp_epu32_mask(_mm512_and_si512(magnitude, low_bits),
+                                                 _mm512_and_si512(entry, low_half), _MM_CMPINT_NLT);
+    const __m512i code = _mm512_mask_blend_epi32(
+        past, _mm512_and_si512(_mm512_srli_epi32(entry, 16), byte), _mm512_srli_epi32(entry, 24));
+    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);  // NaN: code 0
+    _mm512_mask_cvtepi32_storeu_epi8(codes + k, lanes, _mm512_maskz_mov_epi32(number, code));
   }
 }
 
@@ -297,7 +284,7 @@ SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags&) {
 }  // namespace
 // never called: simd_kernels_available() is false
 void decode_block_simd(const uint8_t*, int64_t, float, const float*, float*) {}
-void encode_block_simd(const float*, int64_t, uint8_t*, float*, const quantization::FloorTable&) {}
+void encode_block_simd(const float*, int64_t, uint8_t*, float*, const quantization::CodeTable&) {}
 }  // namespace cpu
 }  // namespace rmsprop_fused
 #endif

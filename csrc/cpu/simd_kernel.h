@@ -47,12 +47,12 @@ template <typename param_t, typename state_t>
 SimdRangeFn<param_t, state_t> simd_range_kernel(const SimdKernelFlags& flags);
 
 // decode_block and encode_block of blockwise_quant.h sixteen lanes at a time (gathers from the
-// code map and the bucket table): the same comparisons, so the same codes and values. Call only
+// code map and from CodeTable): the same operations, so the same codes and values. Call only
 // where simd_kernels_available().
 void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const float* map,
                        float* values);
 void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
-                       const quantization::FloorTable& table);
+                       const quantization::CodeTable& table);
 
 // The block codecs of the CPU step and of the quantize_blockwise op: the AVX-512 ones where they
 // run, else blockwise_quant.h's.
@@ -66,7 +66,7 @@ inline void decode_state_block(const uint8_t* codes, int64_t count, float scale,
 }
 
 inline void encode_state_block(const float* values, int64_t count, uint8_t* codes, float* scale,
-                               const quantization::FloorTable& table) {
+                               const quantization::CodeTable& table) {
   if (simd_kernels_available()) {
     encode_block_simd(values, count, codes, scale, table);
   } else {
