@@ -167,13 +167,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise(const at::Tensor& values, 
   const int64_t n = values.numel();
   at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
   at::Tensor scales = at::empty({quant_blocks(n)}, values.options());
+  const float* x = values.data_ptr<float>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  float* s = scales.data_ptr<float>();
   const quantization::CodeTable& table = quantization::code_table(is_signed);
   for (int64_t block = 0; block < quant_blocks(n); ++block) {
     const int64_t begin = block * quantization::kQuantBlock;
-    cpu::encode_state_block(values.data_ptr<float>() + begin,
-                            std::min(quantization::kQuantBlock, n - begin),
-                            codes.data_ptr<uint8_t>() + begin, scales.data_ptr<float>() + block,
-                            table);
+    cpu::encode_state_block(x + begin, std::min(quantization::kQuantBlock, n - begin), c + begin,
+                            s + block, table);
   }
   return {codes, scales};
 }

@@ -86,6 +86,11 @@ namespace {
 
 using simd::Lanes16;
 
+// The mask of elements [k, min(k + 16, end)): a vector of lanes, or the part of it before end.
+__mmask16 lanes_before(int64_t k, int64_t end) {
+  return static_cast<__mmask16>((1u << std::min<int64_t>(16, end - k)) - 1);
+}
+
 // Elements [begin, end): 32 at a time (a cache line of each 16-bit stream, two of each float32
 // one), each stream prefetched prefetch_bytes() of params ahead, up to the range's last element;
 // the last under 32 sixteen at a time with masked loads and stores. bfloat16 params with
@@ -176,7 +181,7 @@ void update_range_simd(typename ElementCodec<param_t>::storage_t* __restrict__ p
     }
   }
   for (; i < end; i += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, end - i)) - 1);
+    const __mmask16 mask = lanes_before(i, end);
     store(i, update(i, mask), mask);
   }
 }
@@ -208,11 +213,6 @@ SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags& f) {
                 unsigned(f.extended) << 3 | unsigned(f.variance_state) << 4];
 }
 
-// Lanes [k, min(k + 16, count)) of a block.
-__mmask16 block_lanes(int64_t k, int64_t count) {
-  return static_cast<__mmask16>((1u << std::min<int64_t>(16, count - k)) - 1);
-}
-
 }  // namespace
 
 // 8-bit state blocks: blockwise_quant.h's decode_block and encode_block, lane for lane.
@@ -220,7 +220,7 @@ void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const f
                        float* values) {
   const __m512 scales = _mm512_set1_ps(scale);
   for (int64_t k = 0; k < count; k += 16) {
-    const __mmask16 lanes = block_lanes(k, count);
+    const __mmask16 lanes = lanes_before(k, count);
     const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, codes + k));
     const __m512 entry = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, code, map, 4);
     _mm512_mask_storeu_ps(values + k, lanes, _mm512_mul_ps(entry, scales));  // dequantize
@@ -234,7 +234,7 @@ void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float
   // AbsMax: the integer maximum of the magnitudes' bits
   __m512i largest = _mm512_setzero_si512();
   for (int64_t k = 0; k < count; k += 16) {
-    const __m512i bits = _mm512_maskz_loadu_epi32(block_lanes(k, count), values + k);
+    const __m512i bits = _mm512_maskz_loadu_epi32(lanes_before(k, count), values + k);
     largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude_bits));
   }
   quantization::AbsMax absmax;
@@ -249,7 +249,7 @@ void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float
   const __m512i low_half = _mm512_set1_epi32(0xFFFF);
   const __m512i byte = _mm512_set1_epi32(0xFF);
   for (int64_t k = 0; k < count; k += 16) {
-    const __mmask16 lanes = block_lanes(k, count);
+    const __mmask16 lanes = lanes_before(k, count);
     const __m512 x = normalizes ? _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, values + k), scales)
                                 : _mm512_setzero_ps();
     // CodeTable::quantize: the bucket's entry, then its code below or past the threshold
