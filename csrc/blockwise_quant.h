@@ -168,17 +168,20 @@ RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE uint8_t quantize(float x, const float* 
 #if !defined(__CUDACC__)
 // quantize(x, map) in one read instead of eight dependent ones plus two, for the CPU, where those
 // reads per element and state tensor cost more than the rest of the step. A bucket is 2^15
-// consecutive float bit patterns of one sign (a 256th of a binade), and within one the code
+// consecutive float bit patterns (a 256th of a binade of one sign), and within one the code
 // changes at most once (quantize is monotone in x, and the map's entries, hence the points
 // between them where the nearer one changes, are at least 0.7% apart; checked when the table is
 // built). So each bucket's entry holds its code below a threshold, the threshold (the low 15 bits
 // of the first magnitude past it, 0x8000 for none) and the code from there on, found by
 // evaluating quantize itself: the same code as quantize for every float, which the tests check.
+// The entry of x is at x's bits >> 15: the buckets of |x| <= 1 of each sign are filled, the rest
+// (NaN's, for a normalised value; never written, so never paged in) read as 0.
 class CodeTable {
  public:
   static constexpr int kShift = 15;
   static constexpr uint32_t kLowBits = (UINT32_C(1) << kShift) - 1;
   static constexpr uint32_t kBuckets = (UINT32_C(0x3F800000) >> kShift) + 1;  // |x| up to 1.0
+  static constexpr uint32_t kNegative = UINT32_C(1) << (31 - kShift);          // the sign bit's
   static constexpr uint32_t kNoThreshold = UINT32_C(1) << kShift;
 
   explicit CodeTable(const float* map) {
@@ -198,18 +201,17 @@ class CodeTable {
         TORCH_INTERNAL_ASSERT((below > above ? below - above : above - below) <= 1 &&
                                   (bucket < kBuckets - 1 || below == above),
                               "rmsprop_fused: the code changes twice in a code map bucket, or in the last");
-        entries_[sign * kBuckets + bucket] = above << 24 | below << 16 | threshold;
+        entries_[first >> kShift] = above << 24 | below << 16 | threshold;
       }
     }
   }
 
-  // quantize(x, map), with no branch on the data (signs and codes are unpredictable).
+  // quantize(x, map) for x in [-1, 1] or NaN (x / scale of a block), with no branch on the data
+  // (signs and codes are unpredictable).
   inline uint8_t quantize(float x) const {
     const uint32_t bits = float_bits(x);
-    const uint32_t magnitude = bits & UINT32_C(0x7FFFFFFF);
-    const uint32_t bucket = magnitude >> kShift < kBuckets ? magnitude >> kShift : kBuckets - 1;
-    const uint32_t entry = entries_[(bits >> 31) * kBuckets + bucket];  // negatives: upper half
-    const uint32_t code = (magnitude & kLowBits) >= (entry & 0xFFFF) ? entry >> 24 : entry >> 16 & 0xFF;
+    const uint32_t entry = entries_[bits >> kShift];
+    const uint32_t code = (bits & kLowBits) >= (entry & 0xFFFF) ? entry >> 24 : entry >> 16 & 0xFF;
     return static_cast<uint8_t>(x == x ? code : 0);  // NaN: 0
   }
 
@@ -217,7 +219,7 @@ class CodeTable {
   const uint32_t* entries() const { return entries_; }
 
  private:
-  uint32_t entries_[2 * kBuckets];
+  uint32_t entries_[kNegative + kBuckets];
 };
 #endif
 

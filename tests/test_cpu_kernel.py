@@ -19,11 +19,10 @@ pytestmark = pytest.mark.skipif(not available("cpu"), reason="the C++ extension 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 3, 4, 4097, 65537, 2**20 + 3]
 
-# Pairs that store 16-bit values (16-bit params; float32 params with bfloat16 state) run the CPU
-# step's own AVX-512 loop (rmsprop_cpu_avx512.cpp) where the CPU has AVX-512 BF16, else the
-# compiler-vectorised loop of cpu_kernel.h, and 8-bit state blocks are
-# decoded and encoded by that file's gathers, else element by element: where both run, both are
-# tested.
+# Pairs that store 16-bit values (16-bit params; float32 params with bfloat16 state) and 8-bit
+# state run the CPU step's own AVX-512 loops (rmsprop_cpu_avx512.cpp) where the CPU has AVX-512
+# BF16, else the compiler-vectorised loops of cpu_kernel.h (8-bit state blocks decoded and encoded
+# element by element): where both run, both are tested.
 LOOPS = ["simd-loop", "compiler-loop"]
 
 
@@ -33,7 +32,7 @@ SIXTEEN_BIT_PAIRS = [pair for pair in STATE_PAIRS
 
 
 def _has_simd_loop(dtype, state_dtype=None) -> bool:
-    """Whether the AVX-512 code runs the pair: its loop, or the 8-bit block codecs."""
+    """Whether the AVX-512 code runs the pair: its loop of elements, or of 8-bit state blocks."""
     return (dtype, state_dtype or dtype) in SIXTEEN_BIT_PAIRS or state_dtype == torch.uint8
 
 
@@ -430,11 +429,12 @@ def test_every_inner_loop_is_vectorised_including_sqrt():
 
 # The functions built for AVX-512: the v4 clones, the fp16 tile conversions, and
 # rmsprop_cpu_avx512.cpp (its loops, their table, the entry that returns them, and the 8-bit
-# block codecs).
-_AVX512_FUNCTIONS = ("[clone .arch_x86_64_v4]", "_avx512(", "update_range_simd<", "simd_range_kernel<",
-                     "loops_by_flags<", "loop_for_flags<", "(anonymous namespace)::lookup<",
-                     "(anonymous namespace)::lanes_before(", "cpu::decode_block_simd(",
-                     "cpu::encode_block_simd(")
+# block codecs and their helpers).
+_AVX512_FUNCTIONS = ("[clone .arch_x86_64_v4]", "_avx512(", "update_range_simd<", "update_blocks_simd<",
+                     "cpu::simd_loop<", "loops_by_flags<", "loop_for_flags<", "(anonymous namespace)::lookup<",
+                     "(anonymous namespace)::lanes_before(", "(anonymous namespace)::decoded(",
+                     "(anonymous namespace)::with_magnitudes(", "(anonymous namespace)::encode_with_absmax(",
+                     "cpu::decode_block_simd(", "cpu::encode_block_simd(")
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
@@ -465,8 +465,11 @@ def test_the_8bit_block_codecs_gather_sixteen_lanes():
 
 def _simd_instantiation(name: str) -> tuple:
     """A SIMD loop's (param, state, centered, momentum, unscale, extended, variance state)."""
-    args = name.split("update_range_simd<", 1)[1]
-    param, state, rest = args.split(", ", 2)
+    if "update_blocks_simd<" in name:  # 8-bit state: <param, variant, variance>
+        param, rest = name.split("update_blocks_simd<", 1)[1].split(", ", 1)
+        state = "rmsprop_fused::Blockwise8"
+    else:
+        param, state, rest = name.split("update_range_simd<", 1)[1].split(", ", 2)
     variant, variance = rest.split("UpdateVariant<", 1)[1].split(">, ", 1)
     flags = [f == "true" for f in variant.split(", ")] + [variance.split(">", 1)[0] == "true"]
     return (_CPP_TYPES[param], _CPP_TYPES[state], *flags)
@@ -487,4 +490,25 @@ def test_every_simd_loop_converts_with_the_instructions():
         for stored in set(_simd_instantiation(name)[:2]) & set(instructions):
             assert instructions[stored] in code, f"{name}: no {instructions[stored]}"
         assert "vsqrtps %zmm" in code, f"{name}: no 16-lane sqrt"
+        assert "call" not in code, f"{name}: calls a function"
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_every_8bit_state_loop_is_one_pass_of_lanes():
+    """The AVX-512 step of 8-bit state has a loop for every flag combination of float32 and 16-bit
+    params, each decoding and encoding with gathers, taking sqrt 16 lanes at a time and calling
+    nothing (the codecs inlined: one pass over the block)."""
+    loops = {name: code for name, code in _disassembled_functions().items() if "update_blocks_simd<" in name}
+    expected = {(p, torch.uint8, c, m, u, e, var) for p in (torch.float32, torch.bfloat16, torch.float16)
+                for c, m, u, e, var in itertools.product((False, True), repeat=5) if not var or (c and e)}
+    found = {_simd_instantiation(name) for name in loops}
+    assert found == expected, f"missing {expected - found}, unexpected {found - expected}"
+    for name, code in loops.items():
+        gathers = [line for line in code.splitlines() if "gatherd" in line and "%zmm" in line]
+        params, _, centered, momentum = _simd_instantiation(name)[:4]
+        streams = 1 + centered + momentum
+        assert len(gathers) >= 2 * streams, f"{name}: {len(gathers)} gathers for {streams} state streams"
+        assert "vsqrtps %zmm" in code, f"{name}: no 16-lane sqrt"
+        if params == torch.bfloat16:
+            assert "vcvtneps2bf16" in code, f"{name}: no vcvtneps2bf16"
         assert "call" not in code, f"{name}: calls a function"

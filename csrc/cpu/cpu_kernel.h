@@ -228,21 +228,22 @@ RMSPROP_CPU_CLONES void update_range(typename K::P* __restrict__ param,
   }
 }
 
-// Whether the AVX-512 loop (rmsprop_cpu_avx512.cpp) has this kernel: every pair that stores a
-// 16-bit stream (the compiler's loop spends much of its time in the codecs' integer rounding;
-// float32 with float32 state it streams at the memory's speed), 8-bit state aside, with nearest
-// rounding.
+// Whether the AVX-512 loop (rmsprop_cpu_avx512.cpp) has this kernel, with nearest rounding: every
+// pair that stores a 16-bit stream (the compiler's loop spends much of its time in the codecs'
+// integer rounding; float32 with float32 state it streams at the memory's speed), and 8-bit
+// state (its codecs gather from tables, which GCC's tuning keeps out of its own loops).
 template <class K>
 constexpr bool kHasSimdLoop =
-    stores_16_bit<typename K::param_type, typename K::state_type>() && !K::kQuantized &&
-    !K::kStochastic;
+    !K::kStochastic && (K::kQuantized ? !std::is_same_v<typename K::param_type, double>
+                                      : stores_16_bit<typename K::param_type, typename K::state_type>());
 
 // Whole 256-element blocks [first_block, last_block) of one tensor with 8-bit state: decode the
 // block's state with its old scales, update every element, then encode the new state with the new
 // scales (the maxima of the updated block), all in one pass over the block. Decoding and encoding
 // read code tables: with AVX-512 gathers where the CPU has them, else element by element (GCC's
 // tuning keeps gathers out of its own loops); the update between them works on the block's
-// decoded values in L1 and vectorises as update_range does.
+// decoded values in L1 and vectorises as update_range does. Where the CPU has AVX-512 with BF16,
+// update_blocks_simd (rmsprop_cpu_avx512.cpp) runs instead, but for stochastic rounding.
 template <class K>
 RMSPROP_CPU_CLONES void update_quantized_blocks(
     typename K::P* __restrict__ param, typename K::P* __restrict__ grad,
@@ -250,14 +251,15 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
     uint8_t* __restrict__ momentum_buffer, float* __restrict__ square_avg_scale,
     float* __restrict__ grad_avg_scale, float* __restrict__ momentum_buffer_scale,
     int64_t first_block, int64_t last_block, int64_t numel,
-    const StepScalars<typename K::opmath_t> s, const RoundingKeys keys) {
+    const StepScalars<typename K::opmath_t> s, const RoundingKeys keys,
+    const BlockCodecTables& tables) {
   using PC = typename K::ParamCodec;
   using V = typename K::Variant;
   constexpr int64_t kBlock = quantization::kQuantBlock;
-  const float* const unsigned_map = quantization::code_map(false);
-  const float* const signed_map = quantization::code_map(true);
-  const quantization::CodeTable& unsigned_table = quantization::code_table(false);
-  const quantization::CodeTable& signed_table = quantization::code_table(true);
+  const float* const unsigned_map = tables.unsigned_map;
+  const float* const signed_map = tables.signed_map;
+  const quantization::CodeTable& unsigned_table = *tables.unsigned_table;
+  const quantization::CodeTable& signed_table = *tables.signed_table;
   float v[kBlock];
   float m[kBlock];
   float b[kBlock];
@@ -358,15 +360,20 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
     }
     starts[t + 1] = starts[t] + (w.numel + kUnit - 1) / kUnit;
   }
-  // the AVX-512 loop where the CPU has it, else update_range
-  SimdRangeFn<typename K::param_type, typename K::state_type> simd_loop = nullptr;
+  // the AVX-512 loop where the CPU has it, else update_range or update_quantized_blocks
+  SimdLoop<typename K::param_type, typename K::state_type> simd_loop_fn = nullptr;
   if constexpr (kHasSimdLoop<K>) {
     if (simd_kernels_available()) {
-      simd_loop = simd_range_kernel<typename K::param_type, typename K::state_type>(
+      simd_loop_fn = simd_loop<typename K::param_type, typename K::state_type>(
           {V::kCentered, V::kMomentum, V::kUnscaleGrad, V::kExtended, K::kVarianceState});
-      TORCH_INTERNAL_ASSERT(simd_loop != nullptr, "rmsprop_fused: no AVX-512 loop for a kernel");
+      TORCH_INTERNAL_ASSERT(simd_loop_fn != nullptr, "rmsprop_fused: no AVX-512 loop for a kernel");
     }
   }
+  // (the tables are built on first use: only for 8-bit state)
+  const BlockCodecTables tables =
+      K::kQuantized ? BlockCodecTables{quantization::code_map(false), quantization::code_map(true),
+                                       &quantization::code_table(false), &quantization::code_table(true)}
+                    : BlockCodecTables{};
   at::parallel_for(0, starts[n], std::max<int64_t>(1, kParallelGrain / kUnit),
                    [&](int64_t begin, int64_t end) {
     // the last tensor starting at or before `begin` (zero-size tensors are skipped over)
@@ -379,13 +386,21 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
       StepScalars<typename K::opmath_t> s = scalars;
       s.bias_correction = w.bias_correction;
       if constexpr (K::kQuantized) {
+        if constexpr (kHasSimdLoop<K>) {
+          if (simd_loop_fn != nullptr) {
+            simd_loop_fn(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer,
+                         w.square_avg_scale, w.grad_avg_scale, w.momentum_buffer_scale, first, last,
+                         w.numel, s, tables);
+            continue;
+          }
+        }
         update_quantized_blocks<K>(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer,
                                    w.square_avg_scale, w.grad_avg_scale, w.momentum_buffer_scale,
-                                   first, last, w.numel, s, w.keys);
+                                   first, last, w.numel, s, w.keys, tables);
       } else {
         if constexpr (kHasSimdLoop<K>) {
-          if (simd_loop != nullptr) {
-            simd_loop(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer, first, last, s);
+          if (simd_loop_fn != nullptr) {
+            simd_loop_fn(w.param, w.grad, w.square_avg, w.grad_avg, w.momentum_buffer, first, last, s);
             continue;
           }
         }

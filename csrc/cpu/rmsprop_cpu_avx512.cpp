@@ -1,7 +1,7 @@
 // The CPU step for every (param, state) pair that stores 16-bit values (bfloat16 and float16
 // params, float32 params with bfloat16 state) where the CPU has AVX-512 with BF16 (Sapphire
-// Rapids and later Xeons, AMD Zen 4 and later), and the codecs of 8-bit state blocks with
-// gathers (for any param dtype): rmsprop_update on sixteen float32 lanes
+// Rapids and later Xeons, AMD Zen 4 and later), the step of 8-bit state (float32 and 16-bit
+// params) and its block codecs with gathers: rmsprop_update on sixteen float32 lanes
 // (simd_lanes.h), loading and storing each 16-bit stream with the conversion instructions. The
 // 16-bit step is compute-bound on two cores: its vsqrtps and vdivps keep the divider busy for
 // about half of it, and the compiler-vectorised loop of cpu_kernel.h spends most of the rest on
@@ -186,27 +186,137 @@ void update_range_simd(typename ElementCodec<param_t>::storage_t* __restrict__ p
   }
 }
 
+// The codes [k, k + 16) of a block at `codes`, the lanes of `lanes` (the others 0), dequantized
+// with the block's scale: one gather of the code map.
+inline __attribute__((always_inline)) __m512 decoded(const uint8_t* codes, __mmask16 lanes,
+                                                     const float* map, __m512 scales) {
+  const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, codes));
+  const __m512 entry = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, code, map, 4);
+  return _mm512_mul_ps(entry, scales);
+}
+
+// AbsMax::add for the lanes of `lanes`: the integer maximum of the magnitudes' bits (any order
+// gives the same bits, NaN above every number).
+inline __attribute__((always_inline)) __m512i with_magnitudes(__m512i largest, __mmask16 lanes,
+                                                              __m512 x) {
+  const __m512i magnitude = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+  return _mm512_mask_max_epu32(largest, lanes, largest, magnitude);
+}
+
+// encode_block once the block's AbsMax is known: the new scale, then each value's code from
+// CodeTable (one gather per 16 values).
+inline __attribute__((always_inline)) void encode_with_absmax(
+    const float* values, int64_t count, uint8_t* codes, float* scale,
+    const quantization::CodeTable& table, __m512i largest) {
+  using quantization::CodeTable;
+  quantization::AbsMax absmax;
+  absmax.bits = _mm512_reduce_max_epu32(largest);
+  const float new_scale = absmax.scale();
+  *scale = new_scale;
+  const bool normalizes = new_scale > 0.0f;  // normalize(): else every value is 0
+  const __m512 scales = _mm512_set1_ps(new_scale);
+  const __m512i low_bits = _mm512_set1_epi32(CodeTable::kLowBits);
+  const __m512i low_half = _mm512_set1_epi32(0xFFFF);
+  for (int64_t k = 0; k < count; k += 16) {
+    const __mmask16 lanes = lanes_before(k, count);
+    const __m512 x = normalizes ? _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, values + k), scales)
+                                : _mm512_setzero_ps();
+    // CodeTable::quantize: the entry at bits >> 15, then its code below or past the threshold.
+    // A NaN lane gathers nothing: its entry 0 gives code 0.
+    const __m512i bits = _mm512_castps_si512(x);
+    const __mmask16 numbers = _mm512_mask_cmp_ps_mask(lanes, x, x, _CMP_ORD_Q);
+    const __m512i index = _mm512_srli_epi32(bits, CodeTable::kShift);
+    const __m512i entry =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), numbers, index, table.entries(), 4);
+    const __mmask16 past = _mm512_cmp_epu32_mask(_mm512_and_si512(bits, low_bits),
+                                                 _mm512_and_si512(entry, low_half), _MM_CMPINT_NLT);
+    // the code in the low byte, which the narrowing store keeps
+    const __m512i code = _mm512_mask_srli_epi32(_mm512_srli_epi32(entry, 16), past, entry, 24);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + k, lanes, code);
+  }
+}
+
+// cpu_kernel.h update_quantized_blocks in one pass over each block's elements: the state decoded
+// into lanes, updated with its params and grads, kept in L1 (the new scale needs the whole
+// block's maximum, taken on the way) and then encoded. The same operations on the same values,
+// so the same bits.
+template <typename param_t, class V, bool kVarianceState>
+void update_blocks_simd(typename ElementCodec<param_t>::storage_t* __restrict__ param,
+                        typename ElementCodec<param_t>::storage_t* __restrict__ grad,
+                        uint8_t* __restrict__ square_avg, uint8_t* __restrict__ grad_avg,
+                        uint8_t* __restrict__ momentum_buffer, float* __restrict__ square_avg_scale,
+                        float* __restrict__ grad_avg_scale, float* __restrict__ momentum_buffer_scale,
+                        int64_t first_block, int64_t last_block, int64_t numel,
+                        const StepScalars<float>& scalars, const BlockCodecTables& tables) {
+  using PC = simd::LaneCodec<param_t>;
+  constexpr int64_t kBlock = quantization::kQuantBlock;
+  const StepScalars<Lanes16> s = convert_step_scalars<Lanes16>(scalars);
+  alignas(64) float v[kBlock], m[kBlock], b[kBlock];
+  for (int64_t block = first_block; block < last_block; ++block) {
+    const int64_t begin = block * kBlock;
+    const int64_t count = std::min(kBlock, numel - begin);
+    const __m512 v_scale = _mm512_set1_ps(square_avg_scale[block]);
+    const __m512 m_scale = _mm512_set1_ps(V::kCentered ? grad_avg_scale[block] : 0.0f);
+    const __m512 b_scale = _mm512_set1_ps(V::kMomentum ? momentum_buffer_scale[block] : 0.0f);
+    __m512i v_max = _mm512_setzero_si512(), m_max = v_max, b_max = v_max;
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 lanes = lanes_before(k, count);
+      const int64_t i = begin + k;
+      Lanes16 p = PC::load(param + i, lanes), g = PC::load(grad + i, lanes);
+      Lanes16 vk(decoded(square_avg + i, lanes, tables.unsigned_map, v_scale));
+      Lanes16 mk(0.0f), bk(0.0f);
+      if constexpr (V::kCentered) mk = Lanes16(decoded(grad_avg + i, lanes, tables.signed_map, m_scale));
+      if constexpr (V::kMomentum) {
+        bk = Lanes16(decoded(momentum_buffer + i, lanes, tables.signed_map, b_scale));
+      }
+      rmsprop_update<V, kVarianceState>(p, g, vk, mk, bk, s);
+      PC::store(param + i, p, lanes);
+      if constexpr (V::kUnscaleGrad) PC::store(grad + i, g, lanes);  // the unscaled grad
+      _mm512_store_ps(v + k, vk.v);
+      v_max = with_magnitudes(v_max, lanes, vk.v);
+      if constexpr (V::kCentered) {
+        _mm512_store_ps(m + k, mk.v);
+        m_max = with_magnitudes(m_max, lanes, mk.v);
+      }
+      if constexpr (V::kMomentum) {
+        _mm512_store_ps(b + k, bk.v);
+        b_max = with_magnitudes(b_max, lanes, bk.v);
+      }
+    }
+    encode_with_absmax(v, count, square_avg + begin, square_avg_scale + block, *tables.unsigned_table, v_max);
+    if constexpr (V::kCentered) {
+      encode_with_absmax(m, count, grad_avg + begin, grad_avg_scale + block, *tables.signed_table, m_max);
+    }
+    if constexpr (V::kMomentum) {
+      encode_with_absmax(b, count, momentum_buffer + begin, momentum_buffer_scale + block,
+                         *tables.signed_table, b_max);
+    }
+  }
+}
+
 // The loop for each SimdKernelFlags, numbered by its bits: centered 1, momentum 2, unscale 4,
 // extended 8, variance state 16 (null where the flags cannot go together).
 template <typename param_t, typename state_t, unsigned kFlags>
-constexpr SimdRangeFn<param_t, state_t> loop_for_flags() {
+constexpr SimdLoop<param_t, state_t> loop_for_flags() {
   using V = UpdateVariant<(kFlags & 1) != 0, (kFlags & 2) != 0, (kFlags & 4) != 0, (kFlags & 8) != 0>;
   constexpr bool kVarianceState = (kFlags & 16) != 0;
   if constexpr (kVarianceState && !(V::kCentered && V::kExtended && can_hold_variance_state<state_t>())) {
     return nullptr;
+  } else if constexpr (std::is_same_v<state_t, Blockwise8>) {
+    return &update_blocks_simd<param_t, V, kVarianceState>;
   } else {
     return &update_range_simd<param_t, state_t, V, kVarianceState>;
   }
 }
 
 template <typename param_t, typename state_t, unsigned... kFlags>
-constexpr std::array<SimdRangeFn<param_t, state_t>, sizeof...(kFlags)> loops_by_flags(
+constexpr std::array<SimdLoop<param_t, state_t>, sizeof...(kFlags)> loops_by_flags(
     std::integer_sequence<unsigned, kFlags...>) {
   return {loop_for_flags<param_t, state_t, kFlags>()...};
 }
 
 template <typename param_t, typename state_t>
-SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags& f) {
+SimdLoop<param_t, state_t> lookup(const SimdKernelFlags& f) {
   static constexpr auto kLoops =
       loops_by_flags<param_t, state_t>(std::make_integer_sequence<unsigned, 32>{});
   return kLoops[unsigned(f.centered) | unsigned(f.momentum) << 1 | unsigned(f.unscale_grad) << 2 |
@@ -221,52 +331,18 @@ void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const f
   const __m512 scales = _mm512_set1_ps(scale);
   for (int64_t k = 0; k < count; k += 16) {
     const __mmask16 lanes = lanes_before(k, count);
-    const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, codes + k));
-    const __m512 entry = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, code, map, 4);
-    _mm512_mask_storeu_ps(values + k, lanes, _mm512_mul_ps(entry, scales));  // dequantize
+    _mm512_mask_storeu_ps(values + k, lanes, decoded(codes + k, lanes, map, scales));
   }
 }
 
 void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
                        const quantization::CodeTable& table) {
-  using quantization::CodeTable;
-  const __m512i magnitude_bits = _mm512_set1_epi32(0x7FFFFFFF);
-  // AbsMax: the integer maximum of the magnitudes' bits
   __m512i largest = _mm512_setzero_si512();
   for (int64_t k = 0; k < count; k += 16) {
-    const __m512i bits = _mm512_maskz_loadu_epi32(lanes_before(k, count), values + k);
-    largest = _mm512_max_epu32(largest, _mm512_and_si512(bits, magnitude_bits));
-  }
-  quantization::AbsMax absmax;
-  absmax.bits = _mm512_reduce_max_epu32(largest);
-  const float new_scale = absmax.scale();
-  *scale = new_scale;
-  const bool normalizes = new_scale > 0.0f;  // normalize(): else every value is 0
-  const __m512 scales = _mm512_set1_ps(new_scale);
-  const __m512i last_bucket = _mm512_set1_epi32(CodeTable::kBuckets - 1);
-  const __m512i negative_half = _mm512_set1_epi32(CodeTable::kBuckets);
-  const __m512i low_bits = _mm512_set1_epi32(CodeTable::kLowBits);
-  const __m512i low_half = _mm512_set1_epi32(0xFFFF);
-  const __m512i byte = _mm512_set1_epi32(0xFF);
-  for (int64_t k = 0; k < count; k += 16) {
     const __mmask16 lanes = lanes_before(k, count);
-    const __m512 x = normalizes ? _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, values + k), scales)
-                                : _mm512_setzero_ps();
-    // CodeTable::quantize: the bucket's entry, then its code below or past the threshold
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i magnitude = _mm512_and_si512(bits, magnitude_bits);
-    const __m512i bucket = _mm512_min_epu32(_mm512_srli_epi32(magnitude, CodeTable::kShift), last_bucket);
-    const __m512i index =
-        _mm512_add_epi32(bucket, _mm512_and_si512(_mm512_srai_epi32(bits, 31), negative_half));
-    const __m512i entry =
-        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, index, table.entries(), 4);
-    const __mmask16 past = _mm512_cmp_epu32_mask(_mm512_and_si512(magnitude, low_bits),
-                                                 _mm512_and_si512(entry, low_half), _MM_CMPINT_NLT);
-    const __m512i code = _mm512_mask_blend_epi32(
-        past, _mm512_and_si512(_mm512_srli_epi32(entry, 16), byte), _mm512_srli_epi32(entry, 24));
-    const __mmask16 number = _mm512_cmp_ps_mask(x, x, _CMP_ORD_Q);  // NaN: code 0
-    _mm512_mask_cvtepi32_storeu_epi8(codes + k, lanes, _mm512_maskz_mov_epi32(number, code));
+    largest = with_magnitudes(largest, lanes, _mm512_maskz_loadu_ps(lanes, values + k));
   }
+  encode_with_absmax(values, count, codes, scale, table, largest);
 }
 
 }  // namespace cpu
@@ -278,7 +354,7 @@ namespace rmsprop_fused {
 namespace cpu {
 namespace {
 template <typename param_t, typename state_t>
-SimdRangeFn<param_t, state_t> lookup(const SimdKernelFlags&) {
+SimdLoop<param_t, state_t> lookup(const SimdKernelFlags&) {
   return nullptr;  // never asked: simd_kernels_available() is false
 }
 }  // namespace
@@ -293,28 +369,40 @@ namespace rmsprop_fused {
 namespace cpu {
 
 template <>
-SimdRangeFn<c10::BFloat16, c10::BFloat16> simd_range_kernel<c10::BFloat16, c10::BFloat16>(const SimdKernelFlags& f) {
+SimdLoop<c10::BFloat16, c10::BFloat16> simd_loop<c10::BFloat16, c10::BFloat16>(const SimdKernelFlags& f) {
   return lookup<c10::BFloat16, c10::BFloat16>(f);
 }
 template <>
-SimdRangeFn<c10::BFloat16, float> simd_range_kernel<c10::BFloat16, float>(const SimdKernelFlags& f) {
+SimdLoop<c10::BFloat16, float> simd_loop<c10::BFloat16, float>(const SimdKernelFlags& f) {
   return lookup<c10::BFloat16, float>(f);
 }
 template <>
-SimdRangeFn<c10::Half, c10::Half> simd_range_kernel<c10::Half, c10::Half>(const SimdKernelFlags& f) {
+SimdLoop<c10::Half, c10::Half> simd_loop<c10::Half, c10::Half>(const SimdKernelFlags& f) {
   return lookup<c10::Half, c10::Half>(f);
 }
 template <>
-SimdRangeFn<c10::Half, float> simd_range_kernel<c10::Half, float>(const SimdKernelFlags& f) {
+SimdLoop<c10::Half, float> simd_loop<c10::Half, float>(const SimdKernelFlags& f) {
   return lookup<c10::Half, float>(f);
 }
 template <>
-SimdRangeFn<float, c10::BFloat16> simd_range_kernel<float, c10::BFloat16>(const SimdKernelFlags& f) {
+SimdLoop<float, c10::BFloat16> simd_loop<float, c10::BFloat16>(const SimdKernelFlags& f) {
   return lookup<float, c10::BFloat16>(f);
 }
 template <>
-SimdRangeFn<c10::Half, c10::BFloat16> simd_range_kernel<c10::Half, c10::BFloat16>(const SimdKernelFlags& f) {
+SimdLoop<c10::Half, c10::BFloat16> simd_loop<c10::Half, c10::BFloat16>(const SimdKernelFlags& f) {
   return lookup<c10::Half, c10::BFloat16>(f);
+}
+template <>
+SimdLoop<float, Blockwise8> simd_loop<float, Blockwise8>(const SimdKernelFlags& f) {
+  return lookup<float, Blockwise8>(f);
+}
+template <>
+SimdLoop<c10::BFloat16, Blockwise8> simd_loop<c10::BFloat16, Blockwise8>(const SimdKernelFlags& f) {
+  return lookup<c10::BFloat16, Blockwise8>(f);
+}
+template <>
+SimdLoop<c10::Half, Blockwise8> simd_loop<c10::Half, Blockwise8>(const SimdKernelFlags& f) {
+  return lookup<c10::Half, Blockwise8>(f);
 }
 
 }  // namespace cpu

@@ -6,6 +6,7 @@
 
 #include "../blockwise_quant.h"
 #include "../element_codec.h"
+#include "../state_pairs.h"
 
 namespace rmsprop_fused {
 
@@ -15,7 +16,7 @@ struct StepScalars;
 namespace cpu {
 
 // What a loop instantiation is specialised on (cpu_kernel.h Kernel, less what this loop lacks:
-// stochastic rounding and the update of 8-bit state stay with the compiler-vectorised loops).
+// stochastic rounding stays with the compiler-vectorised loops).
 struct SimdKernelFlags {
   bool centered;
   bool momentum;
@@ -33,6 +34,35 @@ using SimdRangeFn = void (*)(typename ElementCodec<param_t>::storage_t*,
                              typename ElementCodec<state_t>::storage_t*, int64_t, int64_t,
                              const StepScalars<float>&);
 
+// The code maps and tables of 8-bit state, passed in by the caller: the AVX-512 file must not
+// instantiate an inline function that other files share (code_table), see its top.
+struct BlockCodecTables {
+  const float* unsigned_map;
+  const float* signed_map;
+  const quantization::CodeTable* unsigned_table;
+  const quantization::CodeTable* signed_table;
+};
+
+// Whole 256-element blocks [first_block, last_block) of one tensor of numel elements with 8-bit
+// state: params, grads, the three code streams, their three scale streams.
+template <typename param_t>
+using SimdBlocksFn = void (*)(typename ElementCodec<param_t>::storage_t*,
+                              typename ElementCodec<param_t>::storage_t*, uint8_t*, uint8_t*,
+                              uint8_t*, float*, float*, float*, int64_t, int64_t, int64_t,
+                              const StepScalars<float>&, const BlockCodecTables&);
+
+// The AVX-512 loop of a (param, state) pair: over elements, or over the blocks of 8-bit state.
+template <typename param_t, typename state_t>
+struct SimdLoopOf {
+  using type = SimdRangeFn<param_t, state_t>;
+};
+template <typename param_t>
+struct SimdLoopOf<param_t, Blockwise8> {
+  using type = SimdBlocksFn<param_t>;
+};
+template <typename param_t, typename state_t>
+using SimdLoop = typename SimdLoopOf<param_t, state_t>::type;
+
 // "avx512-bf16" where the build has the AVX-512 loops and this CPU runs them (AVX-512 F/BW/VL/DQ
 // and BF16, the registers saved by the OS), else "".
 const char* simd_kernels_isa();
@@ -41,10 +71,10 @@ const char* simd_kernels_isa();
 bool simd_kernels_available();
 bool set_simd_kernels_enabled(bool enabled);
 
-// The loop for a (param, state) pair of c10::BFloat16 / c10::Half params and the same 16-bit or
-// float state; call only where simd_kernels_available().
+// The loop for a (param, state) pair that has one (cpu_kernel.h kHasSimdLoop); call only where
+// simd_kernels_available().
 template <typename param_t, typename state_t>
-SimdRangeFn<param_t, state_t> simd_range_kernel(const SimdKernelFlags& flags);
+SimdLoop<param_t, state_t> simd_loop(const SimdKernelFlags& flags);
 
 // decode_block and encode_block of blockwise_quant.h sixteen lanes at a time (gathers from the
 // code map and from CodeTable): the same operations, so the same codes and values. Call only
