@@ -252,6 +252,8 @@ void update_blocks_simd(typename ElementCodec<param_t>::storage_t* __restrict__ 
   constexpr int64_t kBlock = quantization::kQuantBlock;
   const StepScalars<Lanes16> s = convert_step_scalars<Lanes16>(scalars);
   alignas(64) float v[kBlock], m[kBlock], b[kBlock];
+  const int64_t distance = prefetch_bytes() / int64_t(sizeof(typename PC::storage_t));
+  const int64_t last = std::min(last_block * kBlock, numel) - 1;
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kBlock;
     const int64_t count = std::min(kBlock, numel - begin);
@@ -262,6 +264,16 @@ void update_blocks_simd(typename ElementCodec<param_t>::storage_t* __restrict__ 
     for (int64_t k = 0; k < count; k += 16) {
       const __mmask16 lanes = lanes_before(k, count);
       const int64_t i = begin + k;
+      // each stream prefetch_bytes() of params ahead, up to the range's last element: the params
+      // and grads a line a step (two steps a line of 16-bit ones), each code stream a line in four
+      const int64_t ahead = std::min(i + distance, last);
+      prefetch_line(param, ahead);
+      prefetch_line(grad, ahead);
+      if (k % 64 == 0) {
+        prefetch_line(square_avg, ahead);
+        if constexpr (V::kCentered) prefetch_line(grad_avg, ahead);
+        if constexpr (V::kMomentum) prefetch_line(momentum_buffer, ahead);
+      }
       Lanes16 p = PC::load(param + i, lanes), g = PC::load(grad + i, lanes);
       Lanes16 vk(decoded(square_avg + i, lanes, tables.unsigned_map, v_scale));
       Lanes16 mk(0.0f), bk(0.0f);
