@@ -134,7 +134,8 @@ inline __attribute__((always_inline)) void roofline_blocks(
       uint8_t* __restrict__ momentum_buffer, float* __restrict__ square_avg_scale,             \
       float* __restrict__ grad_avg_scale, float* __restrict__ momentum_buffer_scale,           \
       int64_t first_block, int64_t last_block, int64_t numel,                                  \
-      const StepScalars<RooflineKernel<PT, Blockwise8, C, M>::opmath_t> s, const RoundingKeys) { \
+      const StepScalars<RooflineKernel<PT, Blockwise8, C, M>::opmath_t> s, const RoundingKeys,   \
+      const BlockCodecTables&) {                                                               \
     roofline_blocks<RooflineKernel<PT, Blockwise8, C, M>>(                                     \
         param, grad, square_avg, grad_avg, momentum_buffer, square_avg_scale, grad_avg_scale,  \
         momentum_buffer_scale, first_block, last_block, numel, s);                             \
