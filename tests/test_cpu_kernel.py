@@ -5,6 +5,9 @@ and the machine code of its loops."""
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,6 +128,31 @@ def test_the_prefetch_distance_changes_no_bit(dtype, distance, cpu_loop, prefetc
     sizes = [1, 17, 63, 64, 1025, 4097, 2**16 + 5]
     lists = make_lists(sizes, dtype, centered=True, momentum=0.9, seed=fresh_seed())
     matches_reference(lists, centered=True, momentum=0.9)
+
+
+def _expected_default_prefetch_bytes(cpuinfo: str) -> int:
+    """prefetch.cpp's choice for the CPU /proc/cpuinfo describes: 512 B on AMD Zen 4 (family 25
+    with AVX-512; Zen 3 is family 25 without it), 1 KiB elsewhere."""
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    zen4 = (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+            and "avx512f" in fields.get("flags", "").split())
+    return 512 if zen4 else 1024
+
+
+def test_the_default_prefetch_distance_follows_the_cpu():
+    assert _expected_default_prefetch_bytes("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t: fpu avx512f\n") == 512
+    assert _expected_default_prefetch_bytes("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t: fpu avx2\n") == 1024
+    assert _expected_default_prefetch_bytes("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nflags\t: avx512f\n") == 1024
+    assert _expected_default_prefetch_bytes("vendor_id\t: GenuineIntel\ncpu family\t: 6\nflags\t: avx512f\n") == 1024
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to say which CPU this is")
+    # a fresh process: a test here may have set another distance meanwhile
+    code = "from rmsprop_fused import _extension; print(_extension._module.cpu_prefetch_bytes())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    with open("/proc/cpuinfo") as f:
+        assert int(run.stdout.split()[-1]) == _expected_default_prefetch_bytes(f.read())
 
 
 @pytest.mark.parametrize("bad", [-64, 100, 16384 + 64])
