@@ -27,6 +27,7 @@ def main() -> int:
     if _extension.load_error is None:
         simd = _extension._module.cpu_simd_isa()
         print(f"CPU step for 16-bit values and 8-bit state: {simd + ' code' if simd else 'compiler-vectorised loop, scalar 8-bit codecs'}")
+        print(f"CPU loops prefetch each stream {_extension._module.cpu_prefetch_bytes()} B ahead")
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     print(f"GPUs visible: {', '.join(gpus) if gpus else 'none'}")
     print()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import rmsprop_fused
-from rmsprop_fused import FusedRMSprop
+from rmsprop_fused import FusedRMSprop, _extension
 from common import assert_close, available
 
 # The configurations torch's own test suite uses for RMSprop (torch/testing/_internal/
@@ -471,3 +471,5 @@ def test_main_module_reports_every_backend(capsys):
     assert f"rmsprop_fused {rmsprop_fused.__version__}" in out and f"torch {torch.__version__}" in out
     for backend in ("reference", "cpu", "cuda"):
         assert f"  {backend} " in out
+    if _extension.load_error is None:  # the CPU loops' prefetch distance, which follows the CPU
+        assert f"CPU loops prefetch each stream {_extension._module.cpu_prefetch_bytes()} B ahead" in out

@@ -16,8 +16,8 @@ namespace {
 // (42 to 47 GB/s) on the 2-core Intel Xeon of bench/results; 512 B helped less, 2 and 4 KiB no
 // more than 1 KiB. On the 2-core AMD EPYC (Zen 5) of bench/results no prefetch is 12-18% slower
 // in fp32 and 2 KiB is within 3.5% of 1 KiB either way in fp32 and bf16, every option set (bench/
-// prefetch_sweep.py, 30 paired rounds). Zen 4's prefetchers need less help: there 1 KiB was the
-// slowest distance in every sweep, and 512 B took 0.92-1.03x its time in fp32, 0.88-1.00x in bf16
+// prefetch_sweep.py, 30 paired rounds). Zen 4's prefetchers need less help: there 512 B took
+// 0.91-1.03x the time of 1 KiB in fp32 and 0.88-1.00x in bf16, four sweeps of 12-40 paired rounds
 // (docs/DESIGN.md section 4).
 int64_t default_prefetch_bytes() {
 #if defined(__x86_64__) && defined(__GNUC__)
