@@ -257,6 +257,24 @@ inline const CodeTable& code_table(bool is_signed) {
   return is_signed ? signed_table : unsigned_table;
 }
 
+// A map's float32 entries as four planes of bytes (plane k: byte k of every entry), which the
+// AVX-512 decoder looks up 64 codes at a time with byte permutes: the same entries, so the same
+// values.
+struct CodePlanes {
+  alignas(64) uint8_t bytes[4][kCodes];
+  explicit CodePlanes(const float* map) {
+    for (int i = 0; i < kCodes; ++i) {
+      for (int k = 0; k < 4; ++k) bytes[k][i] = static_cast<uint8_t>(float_bits(map[i]) >> (8 * k));
+    }
+  }
+};
+
+inline const CodePlanes& code_planes(bool is_signed) {
+  static const CodePlanes signed_planes(kSignedMap);
+  static const CodePlanes unsigned_planes(kUnsignedMap);
+  return is_signed ? signed_planes : unsigned_planes;
+}
+
 // The CPU's block codecs, element by element: `count` (at most kQuantBlock) values of a block
 // decoded from their codes, or encoded with the scale of the block's maximum. The CPU kernel runs
 // their AVX-512 twins where the CPU has them (cpu/simd_kernel.h), which give the same bits.

@@ -312,7 +312,7 @@ def test_main_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     assert env["cpu_model"] and env["cpu_model"] in out.splitlines()[0]
     assert env["cpu_flags"] == bench.cpu_flags() and (not env["cpu_flags"] or "fpu" in env["cpu_flags"])
     assert env["cpu_kernel_clone"] == bench.x86_64_level(env["cpu_flags"]) and env["load_average_1_5_15min"]
-    simd = "avx512-bf16" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= set(env["cpu_flags"]) else ""
+    simd = "avx512-bf16" if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vbmi", "avx512_bf16"} <= set(env["cpu_flags"]) else ""
     assert env["cpu_simd_loop"] == (simd if available("cpu") else None)
     if available("cpu"):
         from rmsprop_fused import _extension

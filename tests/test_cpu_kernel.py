@@ -175,6 +175,24 @@ def test_8bit_state_across_threads(pair, cpu_loop):
     matches_reference(lists, centered=True, momentum=0.9, variance_state=True)
 
 
+@with_loops("pair", [(torch.float32, torch.uint8), (torch.float16, torch.uint8)])
+def test_every_8bit_code_decodes_as_the_reference(pair, cpu_loop):
+    """Every code of both maps in every state stream, shuffled within each block (the AVX-512
+    decoder looks up 64 at a time by byte permutes, one plane per byte of the entries), in
+    tensors that end inside a block, inside a 64-code chunk and inside a 16-lane vector."""
+    generator = torch.Generator().manual_seed(fresh_seed())
+    sizes = [4096, 4096 + 64 + 17, 8192 + 200]
+    lists = make_lists(sizes, pair[0], centered=True, momentum=0.9, state_dtype=pair[1], steps=True,
+                       seed=fresh_seed())
+    for name in ("square_avgs", "grad_avgs", "momentum_buffers"):
+        for codes in lists[name]:
+            blocks = -(-codes.numel() // 256)
+            every = torch.stack([torch.randperm(256, generator=generator) for _ in range(blocks)]).view(-1)
+            codes.copy_(every[: codes.numel()].to(torch.uint8))
+        assert all(len(torch.unique(codes)) == 256 for codes in lists[name])
+    matches_reference(lists, centered=True, momentum=0.9)
+
+
 # The quiet NaN each 16-bit codec stores (element_codec.h), and the bits it is checked on
 CANONICAL_NAN = {torch.float16: (0x7FFF, 0x7E00), torch.bfloat16: (-1, 0x7FC0)}
 
@@ -478,17 +496,24 @@ def test_only_the_avx512_code_uses_avx512_registers():
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
-def test_the_8bit_block_codecs_gather_sixteen_lanes():
-    """The AVX-512 block codecs look their tables up with gathers (decode the map, encode the
-    code table), one vdivps per sixteen values, and call nothing (blockwise_quant.h's scalar
-    codecs are the fallback, not a callee)."""
+def _zmm_lines(code: str, instruction: str) -> list:
+    return [line for line in code.splitlines() if instruction in line and "%zmm" in line]
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
+def test_the_8bit_block_codecs_permute_and_gather_lanes():
+    """The AVX-512 block codecs decode the map with byte permutes of its planes (vpermi2b or
+    vpermt2b, no gather) and encode with gathers from the code table, one vdivps per sixteen
+    values, and call nothing (blockwise_quant.h's scalar codecs are the fallback, not a callee)."""
     functions = _disassembled_functions()
     codecs = {codec: "\n".join(c for name, c in functions.items() if codec in name)  # with its .cold part
               for codec in ("cpu::decode_block_simd(", "cpu::encode_block_simd(")}
+    decode, encode = codecs["cpu::decode_block_simd("], codecs["cpu::encode_block_simd("]
+    assert _zmm_lines(decode, "vperm") and not _zmm_lines(decode, "gatherd"), "decode: no byte permutes, or a gather"
+    assert any("vpermi2b" in line or "vpermt2b" in line for line in decode.splitlines()), "decode: no vpermi2b"
+    assert _zmm_lines(encode, "gatherd") and _zmm_lines(encode, "vdivps"), "encode: no zmm gather or division"
     for codec, code in codecs.items():
-        assert any("gatherd" in line and "%zmm" in line for line in code.splitlines()), f"{codec}: no zmm gather"
         assert "call" not in code, f"{codec}: calls a function"
-    assert "vdivps" in codecs["cpu::encode_block_simd("] and "%zmm" in codecs["cpu::encode_block_simd("]
 
 
 def _simd_instantiation(name: str) -> tuple:
@@ -524,18 +549,20 @@ def test_every_simd_loop_converts_with_the_instructions():
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="reads x86-64 instructions")
 def test_every_8bit_state_loop_is_one_pass_of_lanes():
     """The AVX-512 step of 8-bit state has a loop for every flag combination of float32 and 16-bit
-    params, each decoding and encoding with gathers, taking sqrt 16 lanes at a time and calling
-    nothing (the codecs inlined: one pass over the block)."""
+    params, each decoding with byte permutes and encoding with gathers, taking sqrt 16 lanes at a
+    time and calling nothing (the codecs inlined: one pass over the block)."""
     loops = {name: code for name, code in _disassembled_functions().items() if "update_blocks_simd<" in name}
     expected = {(p, torch.uint8, c, m, u, e, var) for p in (torch.float32, torch.bfloat16, torch.float16)
                 for c, m, u, e, var in itertools.product((False, True), repeat=5) if not var or (c and e)}
     found = {_simd_instantiation(name) for name in loops}
     assert found == expected, f"missing {expected - found}, unexpected {found - expected}"
     for name, code in loops.items():
-        gathers = [line for line in code.splitlines() if "gatherd" in line and "%zmm" in line]
         params, _, centered, momentum = _simd_instantiation(name)[:4]
         streams = 1 + centered + momentum
-        assert len(gathers) >= 2 * streams, f"{name}: {len(gathers)} gathers for {streams} state streams"
+        gathers = _zmm_lines(code, "gatherd")
+        byte_permutes = [line for line in code.splitlines() if "vpermi2b" in line or "vpermt2b" in line]
+        assert len(gathers) >= streams, f"{name}: {len(gathers)} gathers for {streams} state streams"
+        assert len(byte_permutes) >= 8 * streams, f"{name}: {len(byte_permutes)} byte permutes for {streams} streams"
         assert "vsqrtps %zmm" in code, f"{name}: no 16-lane sqrt"
         if params == torch.bfloat16:
             assert "vcvtneps2bf16" in code, f"{name}: no vcvtneps2bf16"

@@ -240,9 +240,9 @@ constexpr bool kHasSimdLoop =
 // Whole 256-element blocks [first_block, last_block) of one tensor with 8-bit state: decode the
 // block's state with its old scales, update every element, then encode the new state with the new
 // scales (the maxima of the updated block), all in one pass over the block. Decoding and encoding
-// read code tables: with AVX-512 gathers where the CPU has them, else element by element (GCC's
-// tuning keeps gathers out of its own loops); the update between them works on the block's
-// decoded values in L1 and vectorises as update_range does. Where the CPU has AVX-512 with BF16,
+// read code tables: with AVX-512 where the CPU has it (simd_kernel.h), else element by element
+// (GCC's tuning keeps gathers out of its own loops); the update between them works on the block's
+// decoded values in L1 and vectorises as update_range does. Where the CPU has the AVX-512 loops,
 // update_blocks_simd (rmsprop_cpu_avx512.cpp) runs instead, but for stochastic rounding.
 template <class K>
 RMSPROP_CPU_CLONES void update_quantized_blocks(
@@ -266,12 +266,15 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kBlock;
     const int64_t count = std::min(kBlock, numel - begin);
-    decode_state_block(square_avg + begin, count, square_avg_scale[block], unsigned_map, v);
+    decode_state_block(square_avg + begin, count, square_avg_scale[block], unsigned_map,
+                       *tables.unsigned_planes, v);
     if constexpr (V::kCentered) {
-      decode_state_block(grad_avg + begin, count, grad_avg_scale[block], signed_map, m);
+      decode_state_block(grad_avg + begin, count, grad_avg_scale[block], signed_map,
+                         *tables.signed_planes, m);
     }
     if constexpr (V::kMomentum) {
-      decode_state_block(momentum_buffer + begin, count, momentum_buffer_scale[block], signed_map, b);
+      decode_state_block(momentum_buffer + begin, count, momentum_buffer_scale[block], signed_map,
+                         *tables.signed_planes, b);
     }
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) {
@@ -372,7 +375,8 @@ void update_all(const StepArgs& args, const StepScalars<typename K::opmath_t>& s
   // (the tables are built on first use: only for 8-bit state)
   const BlockCodecTables tables =
       K::kQuantized ? BlockCodecTables{quantization::code_map(false), quantization::code_map(true),
-                                       &quantization::code_table(false), &quantization::code_table(true)}
+                                       &quantization::code_table(false), &quantization::code_table(true),
+                                       &quantization::code_planes(false), &quantization::code_planes(true)}
                     : BlockCodecTables{};
   at::parallel_for(0, starts[n], std::max<int64_t>(1, kParallelGrain / kUnit),
                    [&](int64_t begin, int64_t end) {

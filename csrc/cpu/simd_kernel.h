@@ -41,6 +41,8 @@ struct BlockCodecTables {
   const float* signed_map;
   const quantization::CodeTable* unsigned_table;
   const quantization::CodeTable* signed_table;
+  const quantization::CodePlanes* unsigned_planes;
+  const quantization::CodePlanes* signed_planes;
 };
 
 // Whole 256-element blocks [first_block, last_block) of one tensor of numel elements with 8-bit
@@ -63,8 +65,8 @@ struct SimdLoopOf<param_t, Blockwise8> {
 template <typename param_t, typename state_t>
 using SimdLoop = typename SimdLoopOf<param_t, state_t>::type;
 
-// "avx512-bf16" where the build has the AVX-512 loops and this CPU runs them (AVX-512 F/BW/VL/DQ
-// and BF16, the registers saved by the OS), else "".
+// "avx512-bf16" where the build has the AVX-512 loops and this CPU runs them (AVX-512 F/BW/VL/DQ,
+// VBMI and BF16, the registers saved by the OS), else "".
 const char* simd_kernels_isa();
 // Whether the step uses them: where they run, unless set_simd_kernels_enabled(false) (the tests
 // compare both loops); returns the previous setting.
@@ -76,20 +78,20 @@ bool set_simd_kernels_enabled(bool enabled);
 template <typename param_t, typename state_t>
 SimdLoop<param_t, state_t> simd_loop(const SimdKernelFlags& flags);
 
-// decode_block and encode_block of blockwise_quant.h sixteen lanes at a time (gathers from the
-// code map and from CodeTable): the same operations, so the same codes and values. Call only
-// where simd_kernels_available().
-void decode_block_simd(const uint8_t* codes, int64_t count, float scale, const float* map,
-                       float* values);
+// decode_block and encode_block of blockwise_quant.h with AVX-512 (the map's entries by byte
+// permutes from its CodePlanes, 64 codes at a time; CodeTable's by gathers, 16 at a time): the
+// same operations, so the same codes and values. Call only where simd_kernels_available().
+void decode_block_simd(const uint8_t* codes, int64_t count, float scale,
+                       const quantization::CodePlanes& planes, float* values);
 void encode_block_simd(const float* values, int64_t count, uint8_t* codes, float* scale,
                        const quantization::CodeTable& table);
 
 // The block codecs of the CPU step and of the quantize_blockwise op: the AVX-512 ones where they
 // run, else blockwise_quant.h's.
 inline void decode_state_block(const uint8_t* codes, int64_t count, float scale, const float* map,
-                               float* values) {
+                               const quantization::CodePlanes& planes, float* values) {
   if (simd_kernels_available()) {
-    decode_block_simd(codes, count, scale, map, values);
+    decode_block_simd(codes, count, scale, planes, values);
   } else {
     quantization::decode_block(codes, count, scale, map, values);
   }

@@ -6,7 +6,7 @@
 // With the codecs below (loads and stores of float32, bfloat16 and float16 lanes, with the
 // conversion instructions) this is the CPU step of rmsprop_cpu_avx512.cpp for 16-bit params.
 //
-// Include only under `#pragma GCC target` with AVX-512 F/BW/VL/DQ and BF16 (that file): every
+// Include only under `#pragma GCC target` with AVX-512 F/BW/VL/DQ/VBMI and BF16 (that file): every
 // function here is inline and uses those instructions.
 #pragma once
 
