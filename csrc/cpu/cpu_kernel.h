@@ -256,25 +256,21 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
   using PC = typename K::ParamCodec;
   using V = typename K::Variant;
   constexpr int64_t kBlock = quantization::kQuantBlock;
-  const float* const unsigned_map = tables.unsigned_map;
-  const float* const signed_map = tables.signed_map;
-  const quantization::CodeTable& unsigned_table = *tables.unsigned_table;
-  const quantization::CodeTable& signed_table = *tables.signed_table;
   float v[kBlock];
   float m[kBlock];
   float b[kBlock];
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kBlock;
     const int64_t count = std::min(kBlock, numel - begin);
-    decode_state_block(square_avg + begin, count, square_avg_scale[block], unsigned_map,
+    decode_state_block(square_avg + begin, count, square_avg_scale[block], tables.unsigned_map,
                        *tables.unsigned_planes, v);
     if constexpr (V::kCentered) {
-      decode_state_block(grad_avg + begin, count, grad_avg_scale[block], signed_map,
+      decode_state_block(grad_avg + begin, count, grad_avg_scale[block], tables.signed_map,
                          *tables.signed_planes, m);
     }
     if constexpr (V::kMomentum) {
-      decode_state_block(momentum_buffer + begin, count, momentum_buffer_scale[block], signed_map,
-                         *tables.signed_planes, b);
+      decode_state_block(momentum_buffer + begin, count, momentum_buffer_scale[block],
+                         tables.signed_map, *tables.signed_planes, b);
     }
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) {
@@ -291,13 +287,13 @@ RMSPROP_CPU_CLONES void update_quantized_blocks(
       if (V::kCentered) m[k] = mk;
       if (V::kMomentum) b[k] = bk;
     }
-    encode_state_block(v, count, square_avg + begin, square_avg_scale + block, unsigned_table);
+    encode_state_block(v, count, square_avg + begin, square_avg_scale + block, *tables.unsigned_table);
     if constexpr (V::kCentered) {
-      encode_state_block(m, count, grad_avg + begin, grad_avg_scale + block, signed_table);
+      encode_state_block(m, count, grad_avg + begin, grad_avg_scale + block, *tables.signed_table);
     }
     if constexpr (V::kMomentum) {
       encode_state_block(b, count, momentum_buffer + begin, momentum_buffer_scale + block,
-                         signed_table);
+                         *tables.signed_table);
     }
   }
 }

@@ -424,42 +424,24 @@ void encode_block_simd(const float*, int64_t, uint8_t*, float*, const quantizati
 namespace rmsprop_fused {
 namespace cpu {
 
-template <>
-SimdLoop<c10::BFloat16, c10::BFloat16> simd_loop<c10::BFloat16, c10::BFloat16>(const SimdKernelFlags& f) {
-  return lookup<c10::BFloat16, c10::BFloat16>(f);
+// simd_kernel.h declares simd_loop; the pairs of cpu_kernel.h kHasSimdLoop are instantiated here.
+template <typename param_t, typename state_t>
+SimdLoop<param_t, state_t> simd_loop(const SimdKernelFlags& f) {
+  return lookup<param_t, state_t>(f);
 }
-template <>
-SimdLoop<c10::BFloat16, float> simd_loop<c10::BFloat16, float>(const SimdKernelFlags& f) {
-  return lookup<c10::BFloat16, float>(f);
-}
-template <>
-SimdLoop<c10::Half, c10::Half> simd_loop<c10::Half, c10::Half>(const SimdKernelFlags& f) {
-  return lookup<c10::Half, c10::Half>(f);
-}
-template <>
-SimdLoop<c10::Half, float> simd_loop<c10::Half, float>(const SimdKernelFlags& f) {
-  return lookup<c10::Half, float>(f);
-}
-template <>
-SimdLoop<float, c10::BFloat16> simd_loop<float, c10::BFloat16>(const SimdKernelFlags& f) {
-  return lookup<float, c10::BFloat16>(f);
-}
-template <>
-SimdLoop<c10::Half, c10::BFloat16> simd_loop<c10::Half, c10::BFloat16>(const SimdKernelFlags& f) {
-  return lookup<c10::Half, c10::BFloat16>(f);
-}
-template <>
-SimdLoop<float, Blockwise8> simd_loop<float, Blockwise8>(const SimdKernelFlags& f) {
-  return lookup<float, Blockwise8>(f);
-}
-template <>
-SimdLoop<c10::BFloat16, Blockwise8> simd_loop<c10::BFloat16, Blockwise8>(const SimdKernelFlags& f) {
-  return lookup<c10::BFloat16, Blockwise8>(f);
-}
-template <>
-SimdLoop<c10::Half, Blockwise8> simd_loop<c10::Half, Blockwise8>(const SimdKernelFlags& f) {
-  return lookup<c10::Half, Blockwise8>(f);
-}
+
+#define RMSPROP_INSTANTIATE_SIMD_LOOP(P, S) \
+  template SimdLoop<P, S> simd_loop<P, S>(const SimdKernelFlags&);
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::BFloat16, c10::BFloat16)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::BFloat16, float)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::Half, c10::Half)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::Half, float)
+RMSPROP_INSTANTIATE_SIMD_LOOP(float, c10::BFloat16)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::Half, c10::BFloat16)
+RMSPROP_INSTANTIATE_SIMD_LOOP(float, Blockwise8)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::BFloat16, Blockwise8)
+RMSPROP_INSTANTIATE_SIMD_LOOP(c10::Half, Blockwise8)
+#undef RMSPROP_INSTANTIATE_SIMD_LOOP
 
 }  // namespace cpu
 }  // namespace rmsprop_fused
