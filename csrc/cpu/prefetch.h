@@ -13,7 +13,8 @@ constexpr int64_t kCacheLineBytes = 64;
 constexpr int64_t kMaxPrefetchBytes = 16384;
 
 // How far ahead of the loop each stream is prefetched, in bytes of the param stream (prefetch.cpp
-// says why it starts at 1 KiB, 512 B on AMD Zen 4, with the measurements). Read inline, so the loops call nothing.
+// says why it starts at 1 KiB, 512 B on AMD Zen 4, with the measurements). Read inline, so the
+// loops call nothing.
 extern std::atomic<int64_t> current_prefetch_bytes;
 inline int64_t prefetch_bytes() { return current_prefetch_bytes.load(std::memory_order_relaxed); }
 // Sets it (a multiple of kCacheLineBytes from 0 to kMaxPrefetchBytes, else an error naming the

@@ -296,13 +296,13 @@ void update_blocks_simd(typename ElementCodec<param_t>::storage_t* __restrict__ 
     for (int64_t chunk = 0; chunk < count; chunk += 64) {
       // each code stream a line ahead, prefetch_bytes() of params ahead (up to the range's last
       // element), then 64 codes of each decoded
+      const int64_t at = begin + chunk;
       const __mmask64 codes = codes_before(chunk, count);
-      const int64_t codes_ahead = std::min(begin + chunk + distance, last);
+      const int64_t codes_ahead = std::min(at + distance, last);
       prefetch_line(square_avg, codes_ahead);
       if constexpr (V::kCentered) prefetch_line(grad_avg, codes_ahead);
       if constexpr (V::kMomentum) prefetch_line(momentum_buffer, codes_ahead);
       __m512 vs[4], ms[4], bs[4];
-      const int64_t at = begin + chunk;
       decoded(square_avg + at, codes, *tables.unsigned_planes, v_scale, vs);
       if constexpr (V::kCentered) decoded(grad_avg + at, codes, *tables.signed_planes, m_scale, ms);
       if constexpr (V::kMomentum) {
