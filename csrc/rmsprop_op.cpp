@@ -42,10 +42,10 @@ using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 int64_t first_irregular(at::TensorList params, const OptionalTensors& grads,
                         const OptionalTensors& square_avgs, const OptionalTensors& grad_avgs,
                         const OptionalTensors& momentum_buffers,
+                        const OptionalTensors& state_steps,
                         const OptionalTensors& square_avg_scales,
                         const OptionalTensors& grad_avg_scales,
                         const OptionalTensors& momentum_buffer_scales,
-                        const OptionalTensors& state_steps,
                         std::optional<at::ScalarType> state_dtype, int64_t min_quantized_numel) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "rmsprop_fused: got ", grads.size(),
@@ -210,8 +210,8 @@ TORCH_LIBRARY(rmsprop_fused, m) {
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
   m.def(
       "first_irregular(Tensor[] params, Tensor?[] grads, Tensor?[] square_avgs, "
-      "Tensor?[] grad_avgs, Tensor?[] momentum_buffers, Tensor?[] square_avg_scales, "
-      "Tensor?[] grad_avg_scales, Tensor?[] momentum_buffer_scales, Tensor?[] state_steps, "
+      "Tensor?[] grad_avgs, Tensor?[] momentum_buffers, Tensor?[] state_steps, "
+      "Tensor?[] square_avg_scales, Tensor?[] grad_avg_scales, Tensor?[] momentum_buffer_scales, "
       "ScalarType? state_dtype, int min_quantized_numel) -> int",
       &rmsprop_fused::first_irregular);
   m.def("overlapping_pair(Tensor[] tensors) -> int[]", &rmsprop_fused::overlapping_pair);

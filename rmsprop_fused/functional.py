@@ -204,12 +204,13 @@ _PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
 _PLAIN_TENSOR_TYPES_OR_NONE = _PLAIN_TENSOR_TYPES | {type(None)}
 
 
-def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffers=(), square_avg_scales=(),
-                    grad_avg_scales=(), momentum_buffer_scales=(), state_steps=(), state_dtype=None) -> int:
+def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffers=(), state_steps=(),
+                    square_avg_scales=(), grad_avg_scales=(), momentum_buffer_scales=(), state_dtype=None) -> int:
     """The index of the first param that needs the full checks of :func:`check_param`, or -1 when
-    every param plainly passes them. Pass the lists the step will use (``grad_avgs`` only when
-    centered, ``momentum_buffers`` only with momentum, scales only for 8-bit state), None for
-    state not created yet, and the requested ``state_dtype`` (None, a dtype or "8bit").
+    every param plainly passes them. Pass the lists the step will use, in the op's order (a
+    :class:`Lists` unpacks into them: ``grad_avgs`` only when centered, ``momentum_buffers`` only
+    with momentum, scales only for 8-bit state), None for state not created yet, and the
+    requested ``state_dtype`` (None, a dtype or "8bit").
 
     This is the Python cost of a step per param, so the common case is decided in C++
     (``rmsprop_fused::first_irregular``, csrc/rmsprop_op.cpp) in one pass over all params. Without
@@ -221,8 +222,8 @@ def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffer
         return 0
     if not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)):
         return 0
-    companions = (grads, square_avgs, grad_avgs, momentum_buffers, square_avg_scales, grad_avg_scales,
-                  momentum_buffer_scales, state_steps)
+    companions = (grads, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+                  momentum_buffer_scales)
     if not all(_PLAIN_TENSOR_TYPES_OR_NONE.issuperset(map(type, tensors)) for tensors in companions):
         return 0
     eight_bit = state_dtype == _quantization.EIGHT_BIT

@@ -348,6 +348,44 @@ def test_full_checks_run_only_from_the_first_irregular_param(monkeypatch):
     assert checked == [BAD]
 
 
+def test_fast_check_reads_the_step_counters_and_the_8bit_scales(monkeypatch):
+    """The optimizer passes its step lists (step counters, then 8-bit scales: the op's order) on
+    to the fast check: 8-bit state with its scales is plainly acceptable, and a bad step counter is
+    found there, so that the error names its param."""
+    from rmsprop_fused import _extension, optimizer
+
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast check is compiled: {_extension.load_error}")
+    checked = []
+
+    def check_param(index, *args, **kwargs):
+        checked.append(index)
+        return functional_check_param(index, *args, **kwargs)
+
+    functional_check_param = optimizer.check_param
+    monkeypatch.setattr(optimizer, "check_param", check_param)
+    params = [nn.Parameter(torch.randn(64, 64)) for _ in range(N)]  # 4,096 elements: 8-bit state
+    opt = FusedRMSprop(params, momentum=0.9, centered=True, state_dtype="8bit")
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.state[params[0]]["momentum_buffer"].dtype == torch.uint8
+    assert checked == []
+
+    plain = [nn.Parameter(torch.randn(SHAPE)) for _ in range(N)]
+    opt = FusedRMSprop(plain, momentum=0.9)
+    for p in plain:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state[plain[BAD]]["step"] = torch.tensor(1.0, dtype=torch.float64)
+    before = [p.detach().clone() for p in plain]
+    with pytest.raises(InvalidInputError, match=re.escape(f"param group 0, param {BAD}: state['step']")):
+        opt.step()
+    assert checked == [BAD]
+    assert all(torch.equal(p, b) for p, b in zip(plain, before))
+
+
 def test_fast_check_leaves_tensor_subclasses_to_the_full_checks():
     """A subclass (DTensor, say) would route the op to its own __torch_function__, and its rules
     are the full checks' business: the Python side sends every param there."""
