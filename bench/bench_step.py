@@ -68,7 +68,8 @@ except ImportError:  # pragma: no cover
     from bench import byte_model, roofline
     from bench.param_lists import LISTS, ParamList
 
-from byte_model import OptionSet, min_bytes_per_element, tensors_touched  # noqa: F401  (the byte model's API, here too)
+OptionSet, min_bytes_per_element, tensors_touched = (  # the byte model's API, here too
+    byte_model.OptionSet, byte_model.min_bytes_per_element, byte_model.tensors_touched)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LR = 1e-3  # any value does: it does not change the work a step does
@@ -279,8 +280,8 @@ def free_memory(device: torch.device) -> None:
 
 class Step:
     """A step to time: `fn`, after `before` (clip_grad_norm_ for the clip cases of implementations
-    that do not clip themselves); `state` holds what the state of the step's memory is (an
-    optimizer, or the roofline's tensors), to measure its bytes."""
+    that do not clip themselves); `optimizer` (whose state it is) or `state_tensors` (the
+    roofline's) are what its state bytes are measured from."""
 
     def __init__(self, fn: Callable[[], object], before: Optional[Callable[[], object]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, state_tensors: Sequence[torch.Tensor] = ()):

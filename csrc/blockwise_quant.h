@@ -25,8 +25,6 @@ namespace rmsprop_fused {
 namespace quantization {
 
 constexpr int64_t kQuantBlock = 256;
-// Smaller tensors keep float32 state under state_dtype="8bit": they cost little memory.
-constexpr int64_t kMinQuantizedNumel = 4096;
 constexpr int kCodes = 256;
 
 // The value of code i; entry 255 of both is 1.0, and each holds exactly one 0. The values are

@@ -85,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("tensors"), pybind11::arg("norm_type"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("cpu_simd_isa", &rmsprop_fused::cpu::simd_kernels_isa,
-        "The instructions of the CPU step's own SIMD loop for 16-bit params where this CPU runs "
+        "The instructions of the CPU step's own SIMD loops (16-bit values, 8-bit state) where this CPU runs "
         "it (\"avx512-bf16\"), else \"\" (the compiler-vectorised loop)");
   m.def("_set_cpu_simd", &rmsprop_fused::cpu::set_simd_kernels_enabled,
         "Testing aid: whether the CPU step may use its SIMD loop (default True); returns the "

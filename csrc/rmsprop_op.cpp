@@ -90,14 +90,17 @@ int64_t first_irregular(at::TensorList params, const OptionalTensors& grads,
   return -1;
 }
 
+// How many elements a non-empty strided tensor spans in memory, from its first to its last
+// (strides are >= 0 here).
+int64_t extent(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::max<int64_t>(t.stride(d), 0);
+  return last + 1;
+}
+
 // Every element's address of a strided tensor, as int64 (for the exact overlap test of views).
 at::Tensor element_addresses(const at::Tensor& t) {
-  const int64_t extent = [&] {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return last + 1;
-  }();
-  const at::Tensor offsets = at::arange(extent, at::TensorOptions().dtype(at::kLong))
+  const at::Tensor offsets = at::arange(extent(t), at::TensorOptions().dtype(at::kLong))
                                  .as_strided(t.sizes(), t.strides());
   return offsets.mul(t.element_size()).add(reinterpret_cast<int64_t>(t.data_ptr()));
 }
@@ -124,10 +127,8 @@ std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (!t.defined() || t.numel() == 0 || t.layout() != c10::kStrided || t.is_meta()) continue;
-    int64_t last = 0;  // offset of the last element, in elements (strides are >= 0 here)
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::max<int64_t>(t.stride(d), 0);
     const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    ranges.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()),
+    ranges.push_back({begin, begin + static_cast<uintptr_t>(extent(t) * t.element_size()),
                       static_cast<int64_t>(i)});
   }
   std::sort(ranges.begin(), ranges.end(),

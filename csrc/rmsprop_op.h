@@ -8,10 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -45,8 +45,8 @@ inline int64_t quant_blocks(int64_t numel) {
 
 // The dtype of a param's state for a requested state dtype (none: the param's own): uint8 codes
 // for 8-bit state, except below `min_quantized_numel` elements, which keep float32 (FusedRMSprop
-// passes kMinQuantizedNumel: biases and norms stay float32, as in bitsandbytes and torchao; the
-// functional form 0, taking 8-bit state of any size). rmsprop_fused/_quantization.py mirrors it.
+// passes _quantization.py's MIN_QUANTIZED_NUMEL: biases and norms stay float32, as in bitsandbytes
+// and torchao; the functional form 0, taking 8-bit state of any size). _quantization.py mirrors it.
 inline at::ScalarType expected_state_dtype(const at::Tensor& param,
                                            std::optional<at::ScalarType> requested,
                                            int64_t min_quantized_numel) {
@@ -81,7 +81,7 @@ inline bool companion_matches(const at::Tensor& param, const at::Tensor& t, at::
          is_resolved(t);
 }
 
-// What check_scale and check_step require, as predicates.
+// What check_scale and the step counters' check require, as predicates.
 inline bool scale_matches(const at::Tensor& state, const at::Tensor& scale) {
   return scale.defined() && scale.layout() == c10::kStrided && scale.device() == state.device() &&
          scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
@@ -98,7 +98,9 @@ inline void check_companion(const at::Tensor& param, const at::Tensor& t, at::Sc
   if (companion_matches(param, t, dtype)) return;
   TORCH_CHECK_VALUE(t.defined(), "rmsprop_fused: ", list, "[", i, "] is undefined");
   TORCH_CHECK_VALUE(t.layout() == c10::kStrided, "rmsprop_fused: ", list, "[", i,
-              "] has layout ", t.layout(), "; RMSprop does not support sparse gradients");
+              "] has layout ", t.layout(),
+              std::strcmp(list, "grads") == 0 ? "; RMSprop does not support sparse gradients"
+                                               : "; state must be strided like its param");
   TORCH_CHECK_VALUE(t.device() == param.device(), "rmsprop_fused: ", list, "[", i, "] is on ",
               t.device(), " but params[", i, "] is on ", param.device());
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, "rmsprop_fused: ", list, "[", i, "] has dtype ",
@@ -205,7 +207,7 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(!h.variance_state || h.centered,
               "rmsprop_fused: variance_state holds square_avg - grad_avg^2 and needs centered=True");
   TORCH_CHECK_VALUE(!h.bias_correction || h.alpha < 1.0, "rmsprop_fused: bias_correction divides by ",
-              "1 - alpha^step, which is 0 for alpha=", h.alpha);
+              "1 - alpha^step, which is 0 or negative for alpha=", h.alpha);
   TORCH_CHECK_VALUE(!(h.bias_correction || h.rounding_seed.has_value()) || l.counts_steps() || n == 0,
               "rmsprop_fused: bias_correction and stochastic rounding read each tensor's step "
               "count: pass state_steps");

@@ -15,13 +15,14 @@ the nearest entry of a 256-value code map of x / scale. The maps are bitsandbyte
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 QUANT_BLOCK = 256
-# Smaller tensors keep float32 state under state_dtype="8bit" (csrc/blockwise_quant.h).
+# Smaller tensors keep float32 state under state_dtype="8bit": they cost little memory (the
+# optimizer passes this to the op's checks, csrc/rmsprop_op.h expected_state_dtype).
 MIN_QUANTIZED_NUMEL = 4096
 EIGHT_BIT = "8bit"
 _MASK32 = 0xFFFFFFFF

@@ -4,8 +4,8 @@ coefficient left on the device for the step kernels to apply (docs/DESIGN.md sec
 clip_grad_norm_ reads every grad for the norm, then reads and writes every grad to scale it, and
 the optimizer reads them a third time. Here the norm is the only extra pass: `grad_norm` computes
 it as torch does (torch._foreach_norm per (device, dtype), then the norm of the norms on the first
-grad's device), `clip_coefficient` turns it into torch's coefficient, and the step multiplies each
-grad by it as it reads it. No value is read on the host, so the step can be captured in a CUDA
+grad's device; on the CPU, the extension's total_norm does both in one call), `clip_coefficient`
+turns it into torch's coefficient, and the step multiplies each grad by it as it reads it. No value is read on the host, so the step can be captured in a CUDA
 graph or compiled.
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
+from .functional import _PLAIN_TENSOR_TYPES
 
 __all__ = ["grad_norm", "clip_coefficient", "check_clip_options", "NONFINITE_NORM_MESSAGE"]
 
@@ -45,9 +46,6 @@ def _dtensor_type():
     from .functional import _DTensor
 
     return _DTensor
-
-
-_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _cpu_norm_available() -> bool:

@@ -13,13 +13,12 @@ class InvalidInputError(ValueError):
     """A tensor handed to a step does not fit its param (device, dtype, shape, layout).
 
     ``index`` is the position in the lists given to :func:`rmsprop_fused.functional.rmsprop`;
-    :class:`rmsprop_fused.FusedRMSprop` re-raises it naming the param group and the param.
+    :class:`rmsprop_fused.FusedRMSprop`'s messages name the param group and the param instead.
     """
 
     def __init__(self, index: int, message: str):
         super().__init__(message)
         self.index = index
-        self.detail = message
 
 
 class SparseGradientError(InvalidInputError, RuntimeError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -167,12 +167,18 @@ def _check_writable(index: int, label: str, t: Tensor) -> None:
         )
 
 
+def _extent(t: Tensor) -> int:
+    """How many elements a strided tensor spans in memory, from its first to its last (strides
+    >= 0, as every tensor here has)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
 def _has_internal_overlap(t: Tensor) -> bool:
     """Some element is reached by two indices (expand, as_strided with stride 0): an in-place
     update of it is undefined, and torch's in-place ops refuse it too."""
     if t.numel() <= 1 or _is_dense(t):
         return False
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    extent = _extent(t)
     return extent < t.numel() or torch.unique(
         torch.arange(extent, device="cpu").as_strided(t.shape, t.stride())).numel() < t.numel()
 
@@ -311,8 +317,7 @@ def overlapping_pair(tensors: Sequence[Tensor]) -> Optional[tuple]:
         if t.numel() == 0 or t.is_meta:
             continue
         begin = t.data_ptr()
-        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        spans.append((begin, begin + (last + 1) * t.element_size(), i))
+        spans.append((begin, begin + _extent(t) * t.element_size(), i))
     spans.sort()
     open_spans: list = []
     for begin, end, i in spans:
@@ -326,8 +331,7 @@ def overlapping_pair(tensors: Sequence[Tensor]) -> Optional[tuple]:
 
 
 def _addresses(t: Tensor) -> Tensor:
-    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    offsets = torch.arange(extent, dtype=torch.int64).as_strided(t.shape, t.stride())
+    offsets = torch.arange(_extent(t), dtype=torch.int64).as_strided(t.shape, t.stride())
     return offsets * t.element_size() + t.data_ptr()
 
 
@@ -359,7 +363,7 @@ def _local(t):
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
-def _check_lists(lists: Lists, centered, momentum, quantized_state: bool):
+def _check_lists(lists: Lists, centered, momentum):
     n = len(lists.params)
     expected = {
         "grads": n, "square_avgs": n, "grad_avgs": n if centered else 0, "momentum_buffers": n if momentum > 0 else 0,
@@ -447,7 +451,7 @@ def rmsprop(
     check_hyperparameters(lr, alpha, eps, weight_decay, momentum, nesterov=nesterov, bias_correction=bias_correction)
     backends.check_name(backend)
     quantized = bool(lists.square_avg_scales)
-    _check_lists(lists, centered, momentum, quantized)
+    _check_lists(lists, centered, momentum)
     if (bias_correction or rounding_seed is not None) and lists.params and not lists.state_steps:
         raise ValueError("bias_correction and stochastic rounding read each param's step count: pass state_steps")
     if variance_state and not centered:
@@ -513,7 +517,8 @@ def apply_checked(lists: Lists, *, dense_copies=(), lr, alpha, eps, weight_decay
         lists, writebacks = _with_dense_copies(lists, dense_copies, write_grads=grad_scale is not None)
         plan = _plan(lists, differentiable, backend)
     for device, name, group_lists in plan:
-        seed = rounding_seed if rounding_seed is not None and _stores_16_bit(group_lists) else None
+        rounds = _stores_16_bit(group_lists.params[0].dtype, group_lists.square_avgs[0].dtype)
+        seed = rounding_seed if rounding_seed is not None and rounds else None
         backends.implementation(name)(
             *group_lists,
             lr=_lr_for(lr, device),
@@ -539,10 +544,10 @@ def _plan(lists: Lists, differentiable: bool, backend: str) -> list:
     return plan
 
 
-def _stores_16_bit(lists: Lists) -> bool:
-    """Whether a group stores any float16 or bfloat16 value (stochastic rounding has work)."""
-    half = (torch.float16, torch.bfloat16)
-    return lists.params[0].dtype in half or lists.square_avgs[0].dtype == torch.bfloat16
+def _stores_16_bit(param_dtype: torch.dtype, state_dtype) -> bool:
+    """Whether a group of these params and state stores any float16 or bfloat16 value (stochastic
+    rounding has work); `state_dtype` may also be an optimizer's None or "8bit"."""
+    return param_dtype in (torch.float16, torch.bfloat16) or state_dtype == torch.bfloat16
 
 
 def _one_group(lists: Lists) -> Optional[dict]:

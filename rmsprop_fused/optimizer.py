@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import math
 import operator
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
@@ -13,17 +12,16 @@ from torch.optim import Optimizer
 
 from . import _extension, backends, clipping
 from . import _quantization as quantization
-from .errors import BackendUnavailableError, InvalidInputError
+from .errors import BackendUnavailableError
 from .functional import (
-    _PLAIN_TENSOR_TYPES, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, apply_checked, check_hyperparameters,
-    check_no_overlap, check_param, first_irregular,
+    _PLAIN_TENSOR_TYPES, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, _stores_16_bit, apply_checked,
+    check_hyperparameters, check_no_overlap, check_param, first_irregular,
 )
 
 __all__ = ["FusedRMSprop"]
 
-# torch's state keys, by the functional's list names; with variance state the second moment is
-# kept as the variance, under its own key (csrc/rmsprop_update.h, the variance form).
-_STATE_KEYS = {"square_avgs": "square_avg", "grad_avgs": "grad_avg", "momentum_buffers": "momentum_buffer"}
+# With variance state the second moment is kept as the variance, under its own key
+# (csrc/rmsprop_update.h, the variance form).
 _VARIANCE_KEY = "grad_var"
 _SCALE_SUFFIX = "_scale"
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, quantization.EIGHT_BIT)
@@ -533,13 +531,14 @@ class FusedRMSprop(Optimizer):
             return False  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
         clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
         lr_tensor = lr if isinstance(lr, Tensor) else None
+        rounds = group["stochastic_rounding"] and _stores_16_bit(first.dtype, group["state_dtype"])
         try:
             lists.handle.step(
                 grads, 0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
                 group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
                 group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
                 group["nesterov"], group["bias_correction"], _uses_variance_state(group),
-                _group_seed(group, 0) if group["stochastic_rounding"] and _stores_16_bit(first, group) else None,
+                _group_seed(group, 0) if rounds else None,
                 lr_tensor, _on(grad_scale, first.device), _on(found_inf, first.device), _on(clip_coef, first.device),
             )
         except ValueError:
@@ -637,12 +636,17 @@ def _opmath(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
+def _is_signed(key: str) -> bool:
+    """Whether 8-bit state under `key` takes the signed code map (all but the second moment)."""
+    return key not in ("square_avg", _VARIANCE_KEY)
+
+
 def _store_state(state: dict, key: str, value: Tensor, p: Tensor, group: dict) -> None:
     """state[key] = value (a full-precision tensor laid out as the param's state, a real view for
     complex params) in the group's state_dtype: 8-bit codes and scales, or the dtype."""
     dtype = quantization.expected_state_dtype(p, group["state_dtype"])
     if dtype == torch.uint8:
-        codes, scales = quantization.quantize_blockwise(value, signed=key != "square_avg" and key != _VARIANCE_KEY)
+        codes, scales = quantization.quantize_blockwise(value, signed=_is_signed(key))
         state[key] = codes
         state[key + _SCALE_SUFFIX] = scales
         return
@@ -660,8 +664,7 @@ def _decoded(state: dict, key: str, like: Tensor) -> Optional[Tensor]:
     if value is None:
         return None
     if value.dtype == torch.uint8:
-        signed = key not in ("square_avg", _VARIANCE_KEY)
-        return quantization.dequantize_blockwise(value, state[key + _SCALE_SUFFIX].to(value.device), signed)
+        return quantization.dequantize_blockwise(value, state[key + _SCALE_SUFFIX].to(value.device), _is_signed(key))
     real = torch.view_as_real(value) if value.is_complex() else value
     return real.to(_opmath(like))
 
@@ -753,10 +756,6 @@ def _optimizer_names(group_index: int, group: dict, members: _Gathered):
     return name
 
 
-def _stores_16_bit(p: Tensor, group: dict) -> bool:
-    return p.dtype in (torch.float16, torch.bfloat16) or group["state_dtype"] == torch.bfloat16
-
-
 def _group_seed(group: dict, group_index: int) -> int:
     """The seed of a group's stream: the optimizer's, made distinct per group (a 64-bit mix)."""
     x = (group["rounding_seed"] + 0x9E3779B97F4A7C15 * (group_index + 1)) & 0xFFFFFFFFFFFFFFFF
@@ -797,13 +796,13 @@ def _check_something_to_round(group: dict, group_index: int) -> None:
         )
 
 
-def _check_backend_runs(group: dict, group_index: int, params) -> set:
-    """The backends that update the params, one per (device, dtype, state dtype) among them;
-    raises BackendUnavailableError naming a param when the group's backend cannot update it
-    (backends.select is cached: a dict lookup)."""
+def _check_backend_runs(group: dict, group_index: int, params) -> None:
+    """Raises BackendUnavailableError naming a param when the group's backend cannot update it,
+    checked once per (device, dtype, state dtype) among the params (backends.select is cached: a
+    dict lookup)."""
     if group["differentiable"]:
-        return {"reference"}
-    names, seen = set(), set()
+        return  # the reference, which runs everywhere
+    seen = set()
     for index, p in enumerate(params):
         if not isinstance(p, Tensor):
             continue
@@ -813,11 +812,10 @@ def _check_backend_runs(group: dict, group_index: int, params) -> set:
             continue
         seen.add(kind)
         try:
-            names.add(backends.select(group["backend"], *kind))
+            backends.select(group["backend"], *kind)
         except BackendUnavailableError as e:
             index = next(i for i, q in enumerate(group["params"]) if q is p)
             raise BackendUnavailableError(f"param group {group_index}, param {index}: {e}") from None
-    return names
 
 
 def _capturing_cuda_graph() -> bool:

@@ -144,8 +144,7 @@ constexpr bool kConvertsHalfTiles =
 
 // Elements [begin, end) of one tensor of an fp16 kernel, kTile at a time: its fp16 streams
 // converted to float32 with the CPU's conversion instructions (half_tiles.h), updated in L1, and
-// converted back. (Stochastic rounding keeps the
-// codec: it works on the rounded neighbours.)
+// converted back. (Stochastic rounding keeps the codec: it works on the rounded neighbours.)
 template <class K>
 inline __attribute__((always_inline)) void update_half_tiles(
     uint16_t* __restrict__ param, uint16_t* __restrict__ grad, typename K::S* __restrict__ square_avg,

@@ -79,20 +79,19 @@ __attribute__((target("avx,f16c"))) void floats_to_halves_f16c(
 struct Conversions {
   void (*to_floats)(const uint16_t* __restrict__, float* __restrict__, int64_t);
   void (*to_halves)(const float* __restrict__, uint16_t* __restrict__, int64_t);
-  const char* isa;
 };
 
 Conversions pick_conversions() {
 #if defined(RMSPROP_CPU_HALF_TILES)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) {
-    return {halves_to_floats_avx512, floats_to_halves_avx512, "avx512f"};
+    return {halves_to_floats_avx512, floats_to_halves_avx512};
   }
   if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
-    return {halves_to_floats_f16c, floats_to_halves_f16c, "f16c"};
+    return {halves_to_floats_f16c, floats_to_halves_f16c};
   }
 #endif
-  return {halves_to_floats_portable, floats_to_halves_portable, "portable"};
+  return {halves_to_floats_portable, floats_to_halves_portable};
 }
 
 const Conversions kConversions = pick_conversions();
@@ -106,8 +105,6 @@ void halves_to_floats(const uint16_t* __restrict__ halves, float* __restrict__ f
 void floats_to_halves(const float* __restrict__ floats, uint16_t* __restrict__ halves, int64_t n) {
   kConversions.to_halves(floats, halves, n);
 }
-
-const char* half_conversion_isa() { return kConversions.isa; }
 
 }  // namespace cpu
 }  // namespace rmsprop_fused

@@ -13,15 +13,12 @@ namespace rmsprop_fused {
 namespace cpu {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// The CPU kernel converts fp16 streams tile by tile (cpu_kernel.h update_range).
+// The CPU kernel converts fp16 streams tile by tile (cpu_kernel.h update_half_tiles).
 #define RMSPROP_CPU_HALF_TILES 1
 #endif
 
 void halves_to_floats(const uint16_t* __restrict__ halves, float* __restrict__ floats, int64_t n);
 void floats_to_halves(const float* __restrict__ floats, uint16_t* __restrict__ halves, int64_t n);
-
-// Which conversion the loaded extension uses: "avx512f", "f16c" or "portable" (the codec).
-const char* half_conversion_isa();
 
 }  // namespace cpu
 }  // namespace rmsprop_fused

@@ -1,5 +1,6 @@
-// The CPU step's loop for 16-bit params written with AVX-512 lanes (rmsprop_cpu_avx512.cpp),
-// declared without the instructions it uses: cpu_kernel.h takes it where the CPU has them.
+// The CPU step's loops written with AVX-512 lanes (rmsprop_cpu_avx512.cpp: every pair that
+// stores 16-bit values, and 8-bit state), declared without the instructions they use:
+// cpu_kernel.h takes them where the CPU has them.
 #pragma once
 
 #include <cstdint>

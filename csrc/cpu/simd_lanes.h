@@ -4,7 +4,7 @@
 // scalar code; FMA contraction is off), comparisons give lane masks, `where` blends on them, and
 // conditions of an option (select, apply_if) blend on a mask of all lanes or none.
 // With the codecs below (loads and stores of float32, bfloat16 and float16 lanes, with the
-// conversion instructions) this is the CPU step of rmsprop_cpu_avx512.cpp for 16-bit params.
+// conversion instructions) this is the CPU step of rmsprop_cpu_avx512.cpp.
 //
 // Include only under `#pragma GCC target` with AVX-512 F/BW/VL/DQ/VBMI and BF16 (that file): every
 // function here is inline and uses those instructions.
