@@ -84,6 +84,10 @@ class _ParamState(dict):
         self._changes.count += 1
         return super().setdefault(key, default)
 
+    def __ior__(self, other):  # dict's own |= would bypass update
+        self.update(other)
+        return self
+
 
 class _StateByParam(collections.defaultdict):
     """optimizer.state: torch's defaultdict(dict) of each param's state dict, counting every change
@@ -136,6 +140,10 @@ class _StateByParam(collections.defaultdict):
         if key not in self:
             self[key] = {} if default is None else default
         return self[key]
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
 
 
 def _plain_state(items: dict) -> collections.defaultdict:
@@ -317,7 +325,17 @@ class FusedRMSprop(Optimizer):
         self.grad_norm: Optional[Tensor] = None
         self._fast_cache = None
         super().__init__(params, defaults)  # each group is checked by add_param_group
-        self.state = _StateByParam(self.state)
+
+    @property
+    def state(self) -> "_StateByParam":
+        """torch's optimizer.state (a defaultdict of each param's state dict), held as a
+        _StateByParam whatever is assigned to it, so that the fast step sees every change."""
+        return self._state
+
+    @state.setter
+    def state(self, value) -> None:
+        self._state = value if isinstance(value, _StateByParam) else _StateByParam(value)
+        self._fast_cache = None
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the constructor's checks: the group's hyperparameters,
@@ -336,10 +354,16 @@ class FusedRMSprop(Optimizer):
             del self.param_groups[group_index]
             raise
 
+    def __getstate__(self) -> dict:
+        # torch's keeps defaults, state and param_groups; clipping's options are the optimizer's
+        return dict(super().__getstate__(), max_grad_norm=self.max_grad_norm, norm_type=self.norm_type,
+                    error_if_nonfinite=self.error_if_nonfinite)
+
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        param_state = state.pop("state", None)  # through the property, not into __dict__
         super().__setstate__(state)
-        self.state = _StateByParam(self.state)
-        self._fast_cache = None
+        self.state = {} if param_state is None else param_state
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("norm_type", 2.0)
         self.__dict__.setdefault("error_if_nonfinite", False)
@@ -588,13 +612,26 @@ class FusedRMSprop(Optimizer):
         params (so that an Adam state_dict or one with wrong shapes is refused, changing nothing).
         The state is then kept as this optimizer's groups keep it: a torch.optim.RMSprop state (or
         any other state_dtype's) is converted, 8-bit state quantized; state saved in the same form
-        is taken bit for bit. `step` is kept on its param's device."""
+        is taken bit for bit. `step` is kept on its param's device. The load hooks run where
+        torch runs them: the pre-hooks on what is passed (what they return is what is checked and
+        loaded), the post-hooks once the state is loaded and converted."""
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         _check_loaded_state(self, state_dict)
         saved = {pid: dict(s) for pid, s in state_dict["state"].items()}
         # Options a torch.optim.RMSprop state_dict does not have keep this optimizer's values.
         ours = [{key: group[key] for key in _OUR_DEFAULTS if key not in saved_group}
                 for group, saved_group in zip(self.param_groups, state_dict["param_groups"])]
-        super().load_state_dict(state_dict)
+        hooks = (self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks)
+        self._optimizer_load_state_dict_pre_hooks = collections.OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = collections.OrderedDict()
+        try:  # torch's load, without running the hooks a second time or too early
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         for group, kept in zip(self.param_groups, ours):
             group.update(kept)
         order = [p for group in self.param_groups for p in group["params"]]
@@ -604,6 +641,8 @@ class FusedRMSprop(Optimizer):
             if pid not in saved or not saved[pid]:
                 continue
             self.state[p] = _convert_state(saved[pid], p, group_of[p])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def state_dict(self) -> dict:
         """torch's state_dict, with each param's state as a plain dict (torch.load's weights_only

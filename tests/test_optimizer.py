@@ -418,6 +418,102 @@ def test_state_dict_round_trip_continues_identically(direction, config):
             torch.testing.assert_close(second.state[a][key].cpu(), value.cpu(), rtol=1e-12, atol=1e-12)
 
 
+def _new_state(p, generator):
+    return torch.rand(p.shape, generator=generator, dtype=p.dtype) + 0.5
+
+
+# Every way torch.optim code changes an optimizer's state between steps. The fast step keeps its
+# lists converted from one step to the next, and must see each of these at the next step.
+STATE_EDITS = {
+    "setitem": lambda opt, p, g: opt.state[p].__setitem__("square_avg", _new_state(p, g)),
+    "update": lambda opt, p, g: opt.state[p].update(square_avg=_new_state(p, g)),
+    "|= on a param's state": lambda opt, p, g: opt.state[p].__ior__({"square_avg": _new_state(p, g)}),
+    "|= on optimizer.state": lambda opt, p, g: opt.state.__ior__(
+        {p: {"step": torch.tensor(4.0), "square_avg": _new_state(p, g), "momentum_buffer": _new_state(p, g)}}),
+    "a new state dict": lambda opt, p, g: opt.state.__setitem__(
+        p, {"step": torch.tensor(4.0), "square_avg": _new_state(p, g), "momentum_buffer": _new_state(p, g)}),
+    "pop": lambda opt, p, g: opt.state[p].pop("momentum_buffer"),
+    "del then setdefault": lambda opt, p, g: (opt.state[p].__delitem__("square_avg"),
+                                              opt.state[p].setdefault("square_avg", _new_state(p, g))),
+    "clear": lambda opt, p, g: opt.state[p].clear(),
+    "del optimizer.state[p]": lambda opt, p, g: opt.state.__delitem__(p),
+    "optimizer.state = defaultdict(dict)": lambda opt, p, g: setattr(opt, "state", __import__("collections").defaultdict(dict)),
+    ".data of a state tensor": lambda opt, p, g: setattr(opt.state[p]["square_avg"], "data", _new_state(p, g)),
+}
+
+
+@pytest.mark.parametrize("edit", STATE_EDITS)
+def test_the_next_step_sees_every_change_to_the_state(edit):
+    """The fast step (backend "auto", one group) against the reference backend, whose steps take
+    the full path and read the state afresh: the same edit between steps, then the same bits."""
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    torch.manual_seed(11)
+    start = [torch.randn(6, 5), torch.randn(7)]
+    runs = []
+    for backend in ("auto", "reference"):
+        params = [nn.Parameter(t.clone()) for t in start]
+        opt = FusedRMSprop(params, lr=0.01, momentum=0.9, backend=backend)
+        grads = torch.Generator().manual_seed(1)
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads)
+            if step == 3:
+                STATE_EDITS[edit](opt, params[0], torch.Generator().manual_seed(2))
+            opt.step()
+        runs.append(params)
+    for fast, reference in zip(*runs):
+        assert torch.equal(fast, reference)
+
+
+def test_load_state_dict_hooks_run_where_torch_runs_them():
+    """A pre-hook's returned state_dict is what is checked and loaded (so a hook may repair a
+    checkpoint: here it drops a key RMSprop does not have), and what a post-hook puts in the state
+    stays there; each runs once."""
+    torch.manual_seed(12)
+    loaded = {}
+    for cls in (torch.optim.RMSprop, FusedRMSprop):
+        p = nn.Parameter(torch.randn(5))
+        opt = cls([p], lr=0.01, momentum=0.9)
+        p.grad = torch.randn(5)
+        opt.step()
+        saved = opt.state_dict()
+        saved["state"][0]["my_ema"] = torch.zeros(5)
+        calls = []
+
+        def pre_hook(optimizer, state_dict):
+            calls.append("pre")
+            state = {pid: {k: v for k, v in s.items() if k != "my_ema"} for pid, s in state_dict["state"].items()}
+            state[0]["square_avg"] = torch.full((5,), 0.25)
+            return {**state_dict, "state": state}
+
+        def post_hook(optimizer):
+            calls.append("post")
+            optimizer.state[p]["momentum_buffer"] = torch.full((5,), 2.0)
+
+        opt.register_load_state_dict_pre_hook(pre_hook)
+        opt.register_load_state_dict_post_hook(post_hook)
+        opt.load_state_dict(saved)
+        assert calls == ["pre", "post"]
+        loaded[cls] = {k: v.clone() for k, v in opt.state[p].items()}
+    assert torch.equal(loaded[FusedRMSprop]["square_avg"], torch.full((5,), 0.25))
+    assert torch.equal(loaded[FusedRMSprop]["momentum_buffer"], torch.full((5,), 2.0))
+    assert loaded[FusedRMSprop].keys() == loaded[torch.optim.RMSprop].keys()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_clipping(how):
+    import pickle
+
+    p = nn.Parameter(torch.randn(5))
+    opt = FusedRMSprop([p], max_grad_norm=0.5, norm_type=1.0, error_if_nonfinite=True)
+    p.grad = torch.randn(5)
+    opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert (twin.max_grad_norm, twin.norm_type, twin.error_if_nonfinite) == (0.5, 1.0, True)
+    assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["square_avg"], opt.state[p]["square_avg"])
+
+
 # ---------------------------------------------------------------- schedulers, closure, options
 
 
