@@ -464,5 +464,9 @@ def test_parity_holds_on_the_mean_over_seeds_and_not_with_a_nan():
     assert max(r.distance for r in close_on_average) > train.PARITY_TOLERANCE["8bit"]
     assert train.parity_holds(close_on_average, "8bit")
     assert not train.parity_holds([run(1.3, 1.0, s) for s in range(3)], "8bit")
+    # where the float32 seeds spread wider than the tolerance, as far as they spread and no further
+    noisy = [1.0, 1.5, 0.5]  # a spread of 100% of their mean
+    assert train.parity_holds([run(1.9 * ref, ref, s) for s, ref in enumerate(noisy)], "8bit")
+    assert not train.parity_holds([run(2.1 * ref, ref, s) for s, ref in enumerate(noisy)], "8bit")
     assert not train.parity_holds(close_on_average[:2] + [run(math.nan, 1.0, 2)], "8bit")
     assert not train.parity_holds([], "8bit")
