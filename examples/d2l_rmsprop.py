@@ -494,7 +494,8 @@ def exercise_4(X: torch.Tensor, y: torch.Tensor, path: str) -> GammaStudy:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help="airfoil_self_noise.dat (default: ../shared/data beside the checkout, else downloaded)")
+    parser.add_argument("--data", help="airfoil_self_noise.dat (default: ../shared/data beside the checkout, else tests/data/, "
+                        "else an earlier download, else downloaded; examples/airfoil.py)")
     parser.add_argument("--fashion-mnist", metavar="DIR", help="a local Fashion-MNIST for exercise 3: the four idx files (.gz or "
                         "not), bare or in torchvision's FashionMNIST/raw/ under DIR (default: scikit-learn's digits instead)")
     parser.add_argument("--out", default=os.path.join(HERE, "out"), help="directory for the PNGs (default: examples/out)")

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}   # any torch >= 2.4 works; this one matches nvcc 13.0 here
+DEFAULT_TORCH=torch==2.14.1   # any torch >= 2.4 works; this one matches nvcc 13.0 here
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -16,7 +16,11 @@ fi
 # (pip itself is left as it is: where pip is capped to a local torch, pip >= 26.2 would not apply
 # the cap inside build environments.)
 python -m pip install -q --upgrade setuptools wheel
-python -c "import torch" 2>/dev/null || python -m pip install -q "$TORCH_SPEC"
+if [ -n "${TORCH_SPEC:-}" ]; then
+  python -m pip install -q "$TORCH_SPEC"   # asked for: into a new or an existing .venv
+else
+  python -c "import torch" 2>/dev/null || python -m pip install -q "$DEFAULT_TORCH"
+fi
 python -m pip install -q ninja numpy pytest hypothesis matplotlib tqdm scikit-learn
 
 # nvcc outside PATH (e.g. /usr/local/cuda/bin) is found by setup.py; with no GPU present the
