@@ -236,9 +236,11 @@ struct AbsMax {
     const uint32_t magnitude = float_bits(x) & UINT32_C(0x7FFFFFFF);
     bits = magnitude > bits ? magnitude : bits;
   }
-  // The block's scale; a NaN is the canonical quiet NaN, whatever payload the state held.
+  // The block's scale: the canonical quiet NaN for a block that holds a NaN or an inf, whatever
+  // payload the state held (an inf scale would make inf / inf a NaN and code 0, which decodes to
+  // -inf, and every finite element 0 * inf: the block must be NaN, as a NaN's is).
   RMSPROP_HOST_DEVICE RMSPROP_FORCE_INLINE float scale() const {
-    return bits_float(bits > UINT32_C(0x7F800000) ? UINT32_C(0x7FC00000) : bits);
+    return bits_float(bits >= UINT32_C(0x7F800000) ? UINT32_C(0x7FC00000) : bits);
   }
 };
 

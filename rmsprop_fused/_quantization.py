@@ -80,11 +80,11 @@ def _blocks(flat: Tensor, fill: float = 0.0) -> Tensor:
 
 
 def block_scales(flat: Tensor) -> Tensor:
-    """Each block's largest magnitude, NaN (canonical) when it holds one: the maximum of the
-    magnitudes' bit patterns (blockwise_quant.h AbsMax)."""
+    """Each block's largest magnitude, NaN (canonical) when it holds a NaN or an inf: the maximum
+    of the magnitudes' bit patterns (blockwise_quant.h AbsMax)."""
     magnitude_bits = _blocks(flat.float()).view(torch.int32) & 0x7FFFFFFF
     largest = magnitude_bits.amax(dim=1)
-    largest = torch.where(largest > 0x7F800000, torch.full_like(largest, _QUIET_NAN_BITS), largest)
+    largest = torch.where(largest >= 0x7F800000, torch.full_like(largest, _QUIET_NAN_BITS), largest)
     return largest.view(torch.float32)
 
 

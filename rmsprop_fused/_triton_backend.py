@@ -352,13 +352,14 @@ if triton is not None:
     @triton.jit
     def _quantize_rows(values, mask, code_map):
         """The codes and the scales of a tile of new state, one scale per row (256 elements):
-        AbsMax over the magnitudes' bits (a NaN anywhere makes the scale NaN), normalize, then the
-        nearest code by blockwise_quant.h's branchless 8-step search and distance comparison."""
+        AbsMax over the magnitudes' bits (a NaN or an inf anywhere makes the scale NaN), normalize,
+        then the nearest code by blockwise_quant.h's branchless 8-step search and distance
+        comparison."""
         magnitude_bits = (values.to(tl.uint32, bitcast=True) & 0x7FFFFFFF).to(tl.int32, bitcast=True)
         if mask is not None:
             magnitude_bits = tl.where(mask, magnitude_bits, 0)  # elements past the tensor's end
         largest = tl.max(magnitude_bits, axis=1)
-        scales = tl.where(largest > 0x7F800000, 0x7FC00000, largest).to(tl.float32, bitcast=True)
+        scales = tl.where(largest >= 0x7F800000, 0x7FC00000, largest).to(tl.float32, bitcast=True)
         row_scales = scales[:, None]
         normalized = tl.where(row_scales > 0.0, tl.math.div_rn(values, row_scales), 0.0)
         below = tl.zeros(values.shape, dtype=tl.int32)

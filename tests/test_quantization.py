@@ -144,12 +144,15 @@ def test_blockwise_quantization_of_the_kernels_and_the_reference_agree(signed, c
     x = torch.randn(5 * 256 + 77, generator=gen) * torch.logspace(-6, 2, 5 * 256 + 77)
     x[300] = math.nan  # one NaN: that block's scale is NaN, the others are untouched
     x[768:1024] = 0.0  # an all-zero block (the fourth): scale 0, every code the one of 0.0
+    x[1100] = -math.inf  # an inf: that block (the fifth) is NaN too, not inf and -inf
     values = x if signed else x.abs()
     codes, scales = torch.ops.rmsprop_fused.quantize_blockwise(values, signed)
     ref_codes, ref_scales = q.quantize_blockwise(values, signed)
     assert torch.equal(codes, ref_codes)
     assert torch.equal(scales.view(torch.int32), ref_scales.view(torch.int32))
-    assert torch.isnan(scales[1]) and not torch.isnan(scales[[0, 2, 3, 4, 5]]).any()
+    assert torch.isnan(scales[[1, 4]]).all() and not torch.isnan(scales[[0, 2, 3, 5]]).any()
+    decoded = q.dequantize_blockwise(codes, scales, signed)
+    assert torch.isnan(decoded[1024:1280]).all() and torch.isfinite(decoded[1280:]).all()
     assert scales[3] == 0 and bool((codes[768:1024] == int((q.dynamic_map(signed) == 0).nonzero())).all())
 
 
@@ -281,3 +284,25 @@ def test_random_stream_depends_on_seed_tensor_step_and_stream():
     # uniform enough: each of the 16 top-bit buckets holds about 1/16 of 4096 values
     counts = torch.bincount(base >> 28, minlength=16).float()
     assert float(counts.min()) > 4096 / 16 * 0.6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_an_inf_in_new_8bit_state_makes_its_block_nan(backend):
+    """An inf grad makes grad_avg inf there: its block's scale is NaN, as a NaN's is, so the whole
+    block decodes to NaN (an inf scale would decode that element of the signed map to -inf, the
+    others to 0 * inf); the other blocks are finite, and both backends store the same bits."""
+    if not available(backend):
+        pytest.skip(f"backend {backend!r} is not available here")
+    options = dict(centered=True, momentum=0.9, variance_state=True)
+    lists = make_lists([3 * 256 + 40], torch.float32, centered=True, momentum=0.9, seed=fresh_seed(),
+                       state_dtype=torch.uint8, variance_state=True)
+    lists["grads"][0][256 + 7] = math.inf
+    expected = {k: [t.clone() for t in v] for k, v in lists.items()}
+    step(expected, "reference", **options)
+    step(lists, backend, **options)
+    scales = lists["grad_avg_scales"][0]
+    assert torch.isnan(scales[1]) and torch.isfinite(scales[[0, 2, 3]]).all()
+    decoded = q.dequantize_blockwise(lists["grad_avgs"][0], scales, signed=True)
+    assert torch.isnan(decoded[256:512]).all() and torch.isfinite(decoded[:256]).all()
+    for key in ("grad_avgs", "grad_avg_scales", "square_avgs", "square_avg_scales"):
+        assert torch.equal(lists[key][0].view(torch.uint8), expected[key][0].view(torch.uint8)), key

@@ -233,6 +233,16 @@ def test_8_bit_blocks_around_the_program_and_the_tensor_end(param_dtype, kernel_
         assert any(not torch.equal(before, after) for before, after in zip(lists[name], actual[name]))
 
 
+def test_an_inf_in_new_8bit_state_makes_its_block_nan():
+    """blockwise_quant.h AbsMax::scale: a block that holds an inf gets a NaN scale, as one that
+    holds a NaN does (here an inf grad makes grad_avg inf)."""
+    options = dict(centered=True, momentum=0.9, variance_state=True)
+    lists = lists_for((torch.float32, torch.uint8), [3 * QUANT + 40], options, seed=fresh_seed())
+    lists["grads"][0][QUANT + 7] = float("inf")
+    scales = compare_with_reference_and_cpu_kernel(lists, **options)["grad_avg_scales"][0].cpu()
+    assert torch.isnan(scales[1]) and torch.isfinite(scales[[0, 2, 3]]).all()
+
+
 def test_many_tensors_in_one_group(kernel_launches):
     gen = torch.Generator().manual_seed(fresh_seed())
     sizes = torch.randint(0, 700, (40,), generator=gen).tolist() + [0, 3 * BLOCK + 1]
