@@ -209,6 +209,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, *, name: str = "") -> None:
+    """same_bits, with how many elements differ and the first of them when not."""
+    if same_bits(actual, expected):
+        return
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    assert a.dtype == e.dtype and a.shape == e.shape, f"{name}: {a.dtype} {tuple(a.shape)} against {e.dtype} {tuple(e.shape)}"
+    differ = ((a != e) & ~(torch.isnan(a) & torch.isnan(e))) | (torch.isnan(a) != torch.isnan(e))
+    differ = differ | ((a == e) & (torch.signbit(a) != torch.signbit(e)))  # -0.0 against 0.0
+    first = tuple(differ.nonzero()[0].tolist()) if differ.any() else ()
+    raise AssertionError(f"{name}: {int(differ.sum())} of {e.numel()} elements differ, first at {first}: "
+                         f"{a[first].item() if first else ''} against {e[first].item() if first else ''}")
+
+
 def assert_lists_equal(actual: dict, expected: dict) -> None:
     """Bitwise equality, on any devices: every backend computes the same bits."""
     for key in expected:
