@@ -244,6 +244,10 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
                   state_dtype == at::kBFloat16,
               "rmsprop_fused: stochastic rounding rounds float16 and bfloat16 values; this call "
               "stores none (", dtype, " params, ", state_dtype, " state)");
+  TORCH_CHECK_VALUE(!h.variance_state || state_dtype == at::kFloat || state_dtype == at::kBFloat16 ||
+                  quantized,
+              "rmsprop_fused: variance_state keeps the variance in float32, bfloat16 or 8-bit "
+              "state; this call's state is ", state_dtype);
 
   // torch refuses in-place updates of inference tensors outside inference mode; the kernels write
   // through data pointers and would not.

@@ -363,6 +363,21 @@ def _local(t):
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
 
 
+_VARIANCE_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+# complex -> its real dtype (torch.dtype.to_real, which Dynamo cannot trace).
+_REAL_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _check_variance_state_dtypes(square_avgs) -> None:
+    """The variance is kept in float32, bfloat16 or 8-bit state (the kernels' variance form is
+    instantiated for those alone; a complex state counts as its real dtype)."""
+    for i, s in enumerate(square_avgs):
+        dtype = _REAL_DTYPE.get(s.dtype, s.dtype) if isinstance(s, Tensor) else None
+        if dtype is not None and dtype not in _VARIANCE_STATE_DTYPES:
+            raise InvalidInputError(i, f"square_avgs[{i}] is {str(dtype).replace('torch.', '')}: variance_state keeps the "
+                                       "variance in float32, bfloat16 or 8-bit state")
+
+
 def _check_lists(lists: Lists, centered, momentum):
     n = len(lists.params)
     expected = {
@@ -456,6 +471,8 @@ def rmsprop(
         raise ValueError("bias_correction and stochastic rounding read each param's step count: pass state_steps")
     if variance_state and not centered:
         raise ValueError("variance_state holds square_avg - grad_avg**2 and needs centered=True")
+    if variance_state:
+        _check_variance_state_dtypes(lists.square_avgs)
     if differentiable and (quantized or rounding_seed is not None or grad_scale is not None or found_inf is not None):
         raise ValueError("differentiable=True takes none of 8-bit state, stochastic rounding and AMP's grad_scale/found_inf")
     active = lists._replace(

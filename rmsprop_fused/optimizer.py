@@ -14,7 +14,7 @@ from . import _extension, backends, clipping
 from . import _quantization as quantization
 from .errors import BackendUnavailableError
 from .functional import (
-    _PLAIN_TENSOR_TYPES, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, _stores_16_bit, apply_checked,
+    _PLAIN_TENSOR_TYPES, _REAL_DTYPE, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, _stores_16_bit, apply_checked,
     check_hyperparameters, check_no_overlap, check_param, first_irregular,
 )
 
@@ -870,8 +870,6 @@ def _graph_capture_health_check(optimizer: Optimizer) -> None:
         check()
 
 
-# complex -> its real dtype (torch.dtype.to_real, which Dynamo cannot trace).
-_REAL_DTYPE = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 _KNOWN_STATE_KEYS = {"step", "square_avg", "momentum_buffer", "grad_avg", _VARIANCE_KEY}
 
 

@@ -196,6 +196,30 @@ def test_functional_refuses_mismatched_lists_and_changes_nothing():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=str)
+def test_variance_state_in_a_state_that_cannot_hold_it_is_refused(backend, dtype):
+    """The variance form is kept in float32, bfloat16 or 8-bit state; in float16 or float64 state
+    one backend would compute it and another torch's form, so every entry refuses it."""
+    if not available(backend, dtype=dtype):
+        pytest.skip(f"backend {backend!r} does not run {dtype} here")
+    lists = make_lists([3, 4], dtype, centered=True, momentum=0.9, seed=5, variance_state=True)
+    before = {k: [t.clone() for t in v] for k, v in lists.items()}
+    with pytest.raises(InvalidInputError, match=r"square_avgs\[0\] is float(16|64): variance_state keeps the variance"):
+        rmsprop(lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
+                centered=True, momentum=0.9, variance_state=True, backend=backend)
+    if backend == "cpu":  # the op itself, as torch.compile calls it
+        with pytest.raises(ValueError, match="variance_state keeps the variance in float32, bfloat16 or 8-bit state"):
+            torch.ops.rmsprop_fused.rmsprop_(
+                lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
+                [], [], [], [], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9, centered=True,
+                maximize=False, eps_in_sqrt=False, lr_in_momentum=False, decoupled_weight_decay=False,
+                nesterov=False, bias_correction=False, variance_state=True)
+    for k, tensors in lists.items():
+        for a, b in zip(tensors, before[k]):
+            assert torch.equal(a, b), k
+
+
 def test_foreign_state_dict_is_refused_and_nothing_changes():
     opt, (a, b, c) = trained_optimizer()
     adam = torch.optim.Adam([{"params": [a, b]}, {"params": [c]}])
