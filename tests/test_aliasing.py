@@ -116,7 +116,13 @@ def test_views_that_share_no_element_are_separate(backend, device):
     params = [flat[0:10], flat[10:25], flat[25:30]]
     lists = {"params": params, "grads": [grads[0:10], grads[10:25], grads[25:30]],
              "square_avgs": [torch.rand(n, device=device) for n in (10, 15, 5)]}
+    separate = {k: [t.clone() for t in v] for k, v in lists.items()}  # each in storage of its own
     rmsprop(lists["params"], lists["grads"], lists["square_avgs"], backend=backend)
+    rmsprop(separate["params"], separate["grads"], separate["square_avgs"], backend="reference")
+    for key in ("params", "square_avgs"):
+        for i, (a, b) in enumerate(zip(lists[key], separate[key])):
+            assert torch.equal(a.cpu(), b.cpu()), f"{key}[{i}]"
+    assert torch.equal(flat.cpu(), torch.cat(separate["params"]).cpu())  # the buffer, boundaries included
 
 
 def test_the_exact_overlap_test_of_views_with_gaps():

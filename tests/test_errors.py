@@ -109,7 +109,6 @@ def test_bad_grad_is_refused_naming_group_and_param_and_nothing_changes(backend,
         "sparse": lambda: torch.randn(2, 2).to_sparse(),
         "shape": lambda: torch.randn(4),
         "dtype": lambda: torch.randn(2, 2, dtype=torch.float64),
-        "meta-grad": lambda: torch.randn(2, 2, device="meta"),
     }[case]()
     if case == "sparse":
         c.grad = bad

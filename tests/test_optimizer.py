@@ -511,7 +511,15 @@ def test_a_copied_optimizer_keeps_its_clipping(how):
     opt.step()
     twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
     assert (twin.max_grad_norm, twin.norm_type, twin.error_if_nonfinite) == (0.5, 1.0, True)
-    assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["square_avg"], opt.state[p]["square_avg"])
+    q = twin.param_groups[0]["params"][0]
+    assert torch.equal(twin.state[q]["square_avg"], opt.state[p]["square_avg"])
+    # and the copy's next step clips as the original's does
+    p.grad, q.grad = torch.randn(5) * 10, None
+    q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    assert torch.equal(twin.grad_norm, opt.grad_norm) and opt.grad_norm > 0.5
+    assert torch.equal(q, p)
 
 
 # ---------------------------------------------------------------- schedulers, closure, options

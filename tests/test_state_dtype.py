@@ -166,10 +166,24 @@ def test_a_torch_rmsprop_state_loads_quantized_and_comes_back(state_dtype, cente
 def test_float32_state_for_16_bit_params():
     """state_dtype=torch.float32 keeps bf16 params' state in float32: the same numbers as a float32
     master copy's state would have, while the params are rounded once per step."""
+    runs = []
+    for backend in ("auto", "reference"):  # the kernel against the oracle, which computes in float32
+        params = _params(torch.bfloat16, seed=9)
+        opt = FusedRMSprop(params, momentum=0.9, state_dtype=torch.float32, backend=backend)
+        _train(opt, params, 3, 10)
+        assert all(t.dtype == torch.float32 for s in opt.state.values() for k, t in s.items())
+        runs.append((params, _state_bits(opt)))
+    (params, state), (reference_params, reference_state) = runs
+    assert all(torch.equal(p, q) for p, q in zip(params, reference_params))
+    assert all(torch.equal(s[k], r[k]) for s, r in zip(state, reference_state) for k in r)
+    # after one step from zero state, square_avg is (1 - alpha) * g * g of the bf16 grad, in float32
+    # (rmsprop_update.h's order), with nothing rounded to bf16
     params = _params(torch.bfloat16, seed=9)
-    opt = FusedRMSprop(params, momentum=0.9, state_dtype=torch.float32)
-    _train(opt, params, 2, 10)
-    assert all(t.dtype == torch.float32 for s in opt.state.values() for k, t in s.items())
+    opt = FusedRMSprop(params, state_dtype=torch.float32)
+    _train(opt, params, 1, 10)
+    grad = params[0].grad.float()
+    one_minus_alpha = torch.tensor(1 - 0.99, dtype=torch.float32)
+    assert torch.equal(opt.state[params[0]]["square_avg"], one_minus_alpha * grad * grad)
 
 
 def test_stochastic_rounding_is_reproducible_and_seeded():
