@@ -92,14 +92,15 @@ def test_amp_norm_of_scaled_grads_is_the_unscaled_norm(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_error_if_nonfinite_raises_before_anything_changes(backend, device):
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_error_if_nonfinite_raises_before_anything_changes(backend, device, bad):
     require(backend, device, torch.float32)
     params = _model(torch.float32, device, fresh_seed())
     opt = FusedRMSprop(params, momentum=0.9, max_grad_norm=1.0, error_if_nonfinite=True, backend=backend)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    params[2].grad[1, 1] = math.nan
+    params[2].grad[1, 1] = bad
     before = Snapshot.of_optimizer(opt)
     with pytest.raises(RuntimeError, match="The total norm of order 2.0 for gradients from `parameters` is non-finite"):
         opt.step()
@@ -107,7 +108,10 @@ def test_error_if_nonfinite_raises_before_anything_changes(backend, device):
     # without the flag the step goes through, as clip_grad_norm_ would scale by a NaN coefficient
     opt.error_if_nonfinite = False
     opt.step()
-    assert torch.isnan(opt.grad_norm) and bool(torch.isnan(params[0]).all())
+    if math.isnan(bad):
+        assert torch.isnan(opt.grad_norm) and bool(torch.isnan(params[0]).all())
+    else:  # coefficient max_norm / inf = 0: the inf grad times 0 is NaN, every other grad 0
+        assert torch.isinf(opt.grad_norm) and torch.isnan(params[2][1, 1]) and bool(torch.isfinite(params[0]).all())
 
 
 def test_the_norm_is_a_device_tensor_read_by_no_one():

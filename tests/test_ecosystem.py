@@ -110,6 +110,24 @@ def test_compiled_training_step_keeps_the_op_in_one_graph_and_matches_eager():
         assert_close(a, b, steps=4)
 
 
+def test_a_compiled_step_takes_a_new_float_lr():
+    """A float lr is a constant of the compiled graph: a new value in the param group must
+    recompile (a guard on it), not replay the old one; the compiled step stays the eager one."""
+    torch.manual_seed(fresh_seed())
+    p = nn.Parameter(torch.randn(8))
+    q = nn.Parameter(p.detach().clone())
+    compiled_opt, eager_opt = FusedRMSprop([p], lr=0.01), FusedRMSprop([q], lr=0.01)
+    compiled_step = torch.compile(compiled_opt.step)
+    for i in range(4):
+        p.grad = torch.randn(8)
+        q.grad = p.grad.clone()
+        if i == 2:
+            compiled_opt.param_groups[0]["lr"] = eager_opt.param_groups[0]["lr"] = 0.1
+        compiled_step()
+        eager_opt.step()
+        assert torch.equal(p, q), f"step {i}"  # (at lr 0.01 the step would have moved p a tenth as far)
+
+
 # ---------------------------------------------------------------- LR schedulers
 
 

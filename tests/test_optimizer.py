@@ -12,7 +12,7 @@ from torch import nn
 
 import rmsprop_fused
 from rmsprop_fused import FusedRMSprop, _extension
-from common import assert_close, available
+from common import assert_close, available, fresh_seed
 
 # The configurations torch's own test suite uses for RMSprop (torch/testing/_internal/
 # common_optimizers.py, optim_inputs_func_rmsprop), plus momentum alone.
@@ -565,6 +565,22 @@ def test_signature_is_torchs_plus_keyword_only_extras():
     assert [(p.name, p.default) for p in ours[: len(theirs)]] == [(p.name, p.default) for p in theirs]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
     assert FusedRMSprop([nn.Parameter(torch.randn(2))], foreach=True).defaults["foreach"] is True
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_foreach_is_accepted_and_changes_nothing(foreach):
+    torch.manual_seed(fresh_seed())
+    start = torch.randn(9)
+    runs = []
+    for options in ({"foreach": foreach}, {}):
+        p = nn.Parameter(start.clone())
+        opt = FusedRMSprop([p], momentum=0.9, **options)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            p.grad = torch.randn(9, generator=gen)
+            opt.step()
+        runs.append(p.detach())
+    assert torch.equal(*runs)
 
 
 def test_main_module_reports_every_backend(capsys):

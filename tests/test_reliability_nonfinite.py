@@ -24,7 +24,7 @@ import torch.optim.rmsprop as torch_rmsprop
 from torch import nn
 
 from rmsprop_fused import FusedRMSprop
-from common import OPTION_MATRIX, assert_close, clone_lists, make_lists, option_id, step
+from common import OPTION_MATRIX, assert_close, clone_lists, fresh_seed, make_lists, option_id, step
 from reliability_common import BACKEND_DEVICES, STATE_LISTS, Snapshot, one_intra_op_thread, require  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -193,6 +193,29 @@ def test_optimizer_with_nonzero_found_inf_changes_nothing_not_even_the_step_coun
     opt.step()
     before.assert_optimizer_unchanged(opt)
     assert all(opt.state[p]["step"].item() == 1 for p in params)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_a_skipped_first_step_creates_zero_state_at_step_0_and_changes_no_param(backend, device):
+    """README, AMP: a nonzero found_inf on the very first step (GradScaler's first scale often
+    overflows) still runs step(), which creates the state as torch's fused Adam does: zeros (the
+    initial square_avg), step 0; the params and grads are untouched."""
+    require(backend, device, torch.float32)
+    torch.manual_seed(fresh_seed())
+    params = [nn.Parameter(torch.randn(3, 4, device=device)), nn.Parameter(torch.randn(5, device=device))]
+    opt = FusedRMSprop(params, momentum=0.9, centered=True, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1024
+    params[1].grad[2] = math.inf
+    opt.grad_scale = torch.tensor(1024.0, device=device)
+    opt.found_inf = torch.tensor(1.0, device=device)
+    before = [(p.detach().clone(), p.grad.clone()) for p in params]
+    opt.step()
+    for p, (value, grad) in zip(params, before):
+        assert torch.equal(p, value) and torch.equal(p.grad, grad)
+        state = opt.state[p]
+        assert state["step"].item() == 0
+        assert all(bool((state[k] == 0).all()) for k in ("square_avg", "grad_avg", "momentum_buffer"))
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

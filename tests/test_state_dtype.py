@@ -67,6 +67,16 @@ def test_8bit_state_layout(backend, centered):
     assert small[second].dtype == torch.float32
 
 
+def test_8bit_state_starts_at_4096_elements():
+    """The threshold itself: 4,095 elements keep float32 state, 4,096 take codes and scales."""
+    params = [nn.Parameter(torch.randn(4095)), nn.Parameter(torch.randn(64, 64))]
+    opt = FusedRMSprop(params, state_dtype=EIGHT_BIT)
+    _train(opt, params, 1, 0)
+    below, at = (opt.state[p] for p in params)
+    assert below["square_avg"].dtype == torch.float32 and "square_avg_scale" not in below
+    assert at["square_avg"].dtype == torch.uint8 and at["square_avg_scale"].shape == (16,)
+
+
 def test_state_bytes_per_param():
     """8-bit state: one byte per element plus a float32 scale per 256: 1.0156 bytes per state
     tensor per param (bitsandbytes and torchao: the same); bf16: 2."""
