@@ -160,8 +160,11 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return spacing.clamp_min(SMALLEST_SUBNORMAL[dtype])
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, steps: int = 1, name: str = "") -> None:
-    """actual == expected within the dtype's tolerance (module docstring) after `steps` steps."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, steps: int = 1, name: str = "",
+                 magnitude: float = 0.0) -> None:
+    """actual == expected within the dtype's tolerance (module docstring) after `steps` steps;
+    `magnitude`, when larger than the tensor's largest, is that of the values rounded on the way
+    (an update larger than the param it moves)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (actual.dtype, expected.dtype)
     if actual.numel() == 0:
         return
@@ -176,7 +179,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, steps: int = 1
         tol = steps * (ulp(torch.maximum(a.abs(), e.abs()), dtype)
                        + ULPS_PER_STEP * ulp(scale.expand_as(e), torch.float32))
     else:
-        scale = e.abs().max()
+        scale = e.abs().max().clamp_min(magnitude)
         tol = steps * ULPS_PER_STEP * (ulp(e, dtype) + ulp(scale.expand_as(e), dtype))
     err = (a - e).abs()
     worst = int(torch.argmax(err - tol))

@@ -30,6 +30,10 @@ TORCH_CONFIGS = {
 }
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b)]
 STEPS = 12
+# The size of the updates these tests' steps make, which torch rounds at whatever the param's size:
+# lr 0.01-0.02 times g / sqrt(v) (10 on a first step, from v = 0.01 g**2) or a momentum buffer of
+# such terms: of order 1. The float64 comparisons with torch take their ulps at it.
+UPDATE_MAGNITUDE = 1.0
 
 
 class SmallModel(nn.Module):
@@ -82,14 +86,14 @@ def make_pair(config, dtype, backend, seed=0):
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
 @pytest.mark.parametrize("name", TORCH_CONFIGS)
-def test_float64_matches_torch_to_1e12(name, backend):
+def test_float64_matches_torch_to_a_few_ulps_a_step(name, backend):
     model, ours, twin, theirs = make_pair(TORCH_CONFIGS[name], torch.float64, backend)
-    for _ in zip(train(model, ours, STEPS, torch.float64), train(twin, theirs, STEPS, torch.float64)):
+    for step, _ in zip(train(model, ours, STEPS, torch.float64), train(twin, theirs, STEPS, torch.float64)):
         for a, b in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            assert_close(a.detach(), b.detach(), steps=step + 1, magnitude=UPDATE_MAGNITUDE)
     for a, b in zip(model.parameters(), twin.parameters()):
         for key, value in theirs.state[b].items():
-            torch.testing.assert_close(ours.state[a][key].cpu(), value.cpu(), rtol=1e-12, atol=1e-12)
+            assert_close(ours.state[a][key].cpu(), value.cpu(), steps=STEPS, name=key)
     assert ours.state[model.sometimes]["step"].item() == STEPS // 2
     assert model.empty not in ours.state or ours.state[model.empty]["square_avg"].numel() == 0
 
@@ -144,10 +148,10 @@ def test_d2l_from_scratch_rmsprop(backend):
     p0, grads = draw(20)
     ours = run_fused(p0, grads, lr=lr, alpha=gamma, eps=eps, eps_in_sqrt=True, backend=backend)
     p, s = p0.clone(), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         s = gamma * s + (1 - gamma) * g**2
         p = p - lr * g / torch.sqrt(s + eps)
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -161,7 +165,7 @@ def test_tf1_and_keras_formula(backend, centered, initial_scale):
     ours = run_fused(p0, grads, lr=lr, alpha=rho, eps=eps, momentum=momentum, centered=centered,
                      eps_in_sqrt=True, initial_scale=initial_scale, lr_in_momentum=True, backend=backend)
     p, ms, mg, mom = p0.clone(), torch.full_like(p0, initial_scale), torch.zeros_like(p0), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         ms = rho * ms + (1 - rho) * g * g
         den = ms + eps
         if centered:
@@ -169,7 +173,7 @@ def test_tf1_and_keras_formula(backend, centered, initial_scale):
             den = ms - mg * mg + eps
         mom = momentum * mom + lr * g / torch.sqrt(den)
         p = p - mom
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -183,7 +187,7 @@ def test_timm_rmsproptf_defaults(backend, momentum):
     ours = run_fused(p0, grads, lr=lr, alpha=alpha, eps=eps, weight_decay=wd, momentum=momentum,
                      eps_in_sqrt=True, initial_scale=1.0, lr_in_momentum=True, backend=backend)
     p, v, buf = p0.clone(), torch.ones_like(p0), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         g = g + wd * p
         v = v + (1 - alpha) * (g * g - v)
         avg = torch.sqrt(v + eps)
@@ -192,7 +196,7 @@ def test_timm_rmsproptf_defaults(backend, momentum):
             p = p - buf
         else:
             p = p - lr * g / avg
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -209,7 +213,7 @@ def test_timm_rmsproptf_decoupled_decay(backend, centered):
                      eps_in_sqrt=True, initial_scale=1.0, lr_in_momentum=True, decoupled_weight_decay=True,
                      backend=backend)
     p, v, m, buf = p0.clone(), torch.ones_like(p0), torch.zeros_like(p0), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         p = p * (1.0 - lr * wd)
         v = v + (1 - alpha) * (g * g - v)
         if centered:
@@ -219,7 +223,7 @@ def test_timm_rmsproptf_decoupled_decay(backend, centered):
             avg = torch.sqrt(v + eps)
         buf = momentum * buf + lr * g / avg
         p = p - buf
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -236,7 +240,7 @@ def test_keras3_rmsprop_with_weight_decay(backend, centered):
     ours = run_fused(p0, grads, lr=lr, alpha=rho, eps=eps, weight_decay=wd, momentum=momentum, centered=centered,
                      eps_in_sqrt=True, lr_in_momentum=True, decoupled_weight_decay=True, backend=backend)
     p, velocity, average_grad, m = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         p = p - p * wd * lr
         velocity = rho * velocity + (1 - rho) * g * g
         if centered:
@@ -246,7 +250,7 @@ def test_keras3_rmsprop_with_weight_decay(backend, centered):
             denominator = velocity + eps
         m = momentum * m + lr * g / torch.sqrt(denominator)
         p = p - m
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 def _optax_rmsprop(p0, grads, *, learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered, momentum,
@@ -289,8 +293,8 @@ def test_optax_rmsprop_nesterov_and_bias_correction(backend, centered, nesterov,
     theirs = _optax_rmsprop(p0, grads, learning_rate=lr, decay=decay, eps=eps, initial_scale=initial_scale,
                             eps_in_sqrt=eps_in_sqrt, centered=centered, momentum=momentum, nesterov=nesterov,
                             bias_correction=bias_correction)
-    for got, p in zip(ours, theirs):
-        torch.testing.assert_close(got, p, rtol=1e-11, atol=1e-12)
+    for k, (got, p) in enumerate(zip(ours, theirs)):
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
@@ -301,12 +305,12 @@ def test_nesterov_with_torchs_lr_placement_is_torch_sgds(backend):
     p0, grads = draw(20, seed=6)
     ours = run_fused(p0, grads, lr=lr, alpha=alpha, momentum=momentum, nesterov=True, backend=backend)
     p, v, buf = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
-    for g, got in zip(grads, ours):
+    for k, (g, got) in enumerate(zip(grads, ours)):
         v = alpha * v + (1 - alpha) * g * g
         u = g / (torch.sqrt(v) + 1e-8)
         buf = momentum * buf + u
         p = p - lr * (u + momentum * buf)
-        torch.testing.assert_close(got, p, rtol=1e-12, atol=1e-12)
+        assert_close(got, p, steps=k + 1)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -353,7 +357,7 @@ def test_complex_params_match_torch():
         p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
-    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert_close(torch.view_as_real(p.detach()), torch.view_as_real(q.detach()), steps=10)
 
 
 def test_complex_initial_scale_fills_real_and_imaginary_parts():
@@ -413,9 +417,9 @@ def test_state_dict_round_trip_continues_identically(direction, config):
     for _ in zip(train(resumed_model, second, 7, torch.float64, seed=1), train(reference_model, reference, 7, torch.float64, seed=1)):
         pass
     for a, b in zip(resumed_model.parameters(), reference_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert_close(a.detach(), b.detach(), steps=12)  # 5 steps, then 7 resumed
         for key, value in reference.state[b].items():
-            torch.testing.assert_close(second.state[a][key].cpu(), value.cpu(), rtol=1e-12, atol=1e-12)
+            assert_close(second.state[a][key].cpu(), value.cpu(), steps=12, name=key)
 
 
 def _new_state(p, generator):
@@ -538,7 +542,7 @@ def test_lr_scheduler_drives_the_step():
         ours.step(), theirs.step()
         sched_ours.step(), sched_theirs.step()
     assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"] == 0.1 * 0.5**3
-    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert_close(p.detach(), q.detach(), steps=10)
 
 
 def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
