@@ -244,7 +244,8 @@ def test_every_16_bit_pattern_converts_as_the_codec(pair, cpu_loop):
 
 
 @with_loops("pair", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                     (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16)])
+                     (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                     (torch.float16, torch.float32)])
 def test_every_element_is_written(pair, cpu_loop):
     """The update is in place, so "written" means "changed": with random inputs every element of
     the param and of each state tensor gets a new value, and a skipped element would keep its old
