@@ -312,7 +312,11 @@ def test_fast_check_stops_at_layouts_the_kernels_cannot_walk(layout):
     lists = lists_2d("cpu")
     IRREGULAR_LAYOUTS[layout](lists)
     assert _fast_check(lists) == BAD
-    call(lists, "auto")  # ... and the step takes them
+    expected = {k: [t.clone() for t in v] for k, v in lists.items()}  # dense copies
+    call(lists, "auto")  # ... and the step takes them, as the reference does the dense copies
+    call(expected, "reference")
+    for key in ("params", "square_avgs", "grad_avgs", "momentum_buffers"):
+        assert all(torch.equal(a, e) for a, e in zip(lists[key], expected[key])), key
 
 
 def test_full_checks_run_only_from_the_first_irregular_param(monkeypatch):
