@@ -360,11 +360,16 @@ def test_complex_params_match_torch():
 
 
 def test_complex_initial_scale_fills_real_and_imaginary_parts():
-    p = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    torch.manual_seed(fresh_seed())
+    p = nn.Parameter(torch.randn(3, dtype=torch.complex64))
     opt = FusedRMSprop([p], initial_scale=1.0, eps_in_sqrt=True)
-    p.grad = torch.zeros_like(p)
+    p.grad = torch.randn_like(p)
     opt.step()
-    assert torch.equal(torch.view_as_real(opt.state[p]["square_avg"]), torch.full((3, 2), 0.99))
+    # each part starts at 1: alpha * 1 + (1 - alpha) * g * g, part by part (rmsprop_update.h's order)
+    g = torch.view_as_real(p.grad)
+    one_minus_alpha = torch.tensor(1 - 0.99, dtype=torch.float32)
+    expected = torch.tensor(0.99, dtype=torch.float32) + one_minus_alpha * g * g
+    assert torch.equal(torch.view_as_real(opt.state[p]["square_avg"]), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
