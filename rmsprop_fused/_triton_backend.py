@@ -802,7 +802,9 @@ def _launch_plan(lists: dict, device: torch.device) -> _LaunchPlan:
             raise RuntimeError(
                 "the Triton backend builds the pointer table of a set of tensors on their first step, "
                 "with a host-to-device copy that a CUDA graph cannot capture: run one step with "
-                "these tensors before capturing (as for any optimizer warm-up)"
+                "these tensors before capturing (as for any optimizer warm-up). Tensors allocated "
+                "inside the capture have addresses no step has seen: with backward() captured too, "
+                "keep the grads with zero_grad(set_to_none=False)"
             )
         plan = _LaunchPlan(lists, device, BLOCK_SIZE)
         _plan_cache[key] = plan
