@@ -171,7 +171,15 @@ class _Gathered(NamedTuple):
     keys: dict
 
     def lacks_state(self) -> bool:
-        return any(t is None for tensors in self.lists[2:] for t in tensors)
+        """Whether a state tensor, step counter or 8-bit scale is not created yet (in an 8-bit
+        group, tensors under MIN_QUANTIZED_NUMEL keep float32 state, which has no scales)."""
+        l = self.lists
+        if any(t is None for tensors in (l.square_avgs, l.grad_avgs, l.momentum_buffers, l.state_steps) for t in tensors):
+            return True
+        return any(scale is None and state.dtype == torch.uint8
+                   for states, scales in ((l.square_avgs, l.square_avg_scales), (l.grad_avgs, l.grad_avg_scales),
+                                          (l.momentum_buffers, l.momentum_buffer_scales))
+                   for state, scale in zip(states, scales))
 
 
 def _uses_variance_state(group: dict) -> bool:
@@ -565,8 +573,10 @@ class FusedRMSprop(Optimizer):
                 _group_seed(group, 0) if rounds else None,
                 lr_tensor, _on(grad_scale, first.device), _on(found_inf, first.device), _on(clip_coef, first.device),
             )
-        except ValueError:
-            return False  # refused before any write: the full path words it, or copes
+        except (ValueError, NotImplementedError):
+            # refused before any write (by the op's checks, or by the dispatcher: no kernel for a
+            # sparse grad's backend): the full path words it, or copes
+            return False
         return True
 
     def _fast_lists(self, params: list, keys: Dict[str, str]) -> Optional["_FastLists"]:

@@ -125,6 +125,22 @@ def test_bad_grad_is_refused_naming_group_and_param_and_nothing_changes(backend,
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_sparse_grad_in_a_single_group_step_gets_torchs_error(backend):
+    """One param group takes the fast step (one op call), where the dispatcher refuses a sparse
+    grad first: the step must still raise torch's error, naming the param, and change nothing."""
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(4))]
+    opt = FusedRMSprop(params, momentum=0.9, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[1].grad = torch.randn(4).to_sparse()
+    before = snapshot(opt)
+    with pytest.raises(SparseGradientError, match=r"RMSprop does not support sparse gradients \(param group 0, param 1: "):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("key, bad, message", [
     ("square_avg", lambda: torch.empty(2, 2, device="meta"), r"state\[.square_avg.\] \(state tensor\) is float32 \(2, 2\) on meta"),
     ("momentum_buffer", lambda: torch.zeros(3), r"state\[.momentum_buffer.\] \(state tensor\) is float32 \(3,\)"),
