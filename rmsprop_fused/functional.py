@@ -342,16 +342,15 @@ def check_no_overlap(lists: Lists, *, where=None) -> None:
     (Not while torch.compile traces: fake tensors have no addresses; the op checks the real ones.)"""
     if torch.compiler.is_compiling():
         return
-    flat, names = [], []
-    for name, tensors in zip(LIST_NAMES, lists):
-        for i, t in enumerate(tensors):
-            if isinstance(t, Tensor) and t.layout == torch.strided:
-                flat.append(t)
-                names.append((name, i))
-    pair = overlapping_pair([_local(t) for t in flat])
+    entries = [(name, i, t) for name, tensors in zip(LIST_NAMES, lists) for i, t in enumerate(tensors)
+               if isinstance(t, Tensor) and t.layout == torch.strided]
+    flat = [t for _, _, t in entries]
+    if not _PLAIN_TENSOR_TYPES.issuperset(map(type, flat)):  # DTensor shards: their local tensors
+        flat = [_local(t) for t in flat]
+    pair = overlapping_pair(flat)
     if pair is None:
         return
-    (name_a, a), (name_b, b) = names[pair[0]], names[pair[1]]
+    (name_a, a, _), (name_b, b, _) = entries[pair[0]], entries[pair[1]]
     label = (lambda n, i: _label(i, n, None)) if where is None else where
     raise InvalidInputError(
         a, f"{label(name_a, a)} and {label(name_b, b)} share memory: every tensor a step writes must have its "
