@@ -17,6 +17,7 @@
 #include "cpu/prefetch.h"
 #include "cpu/simd_kernel.h"
 #include "cpu/total_norm.h"
+#include "rmsprop_op.h"
 #include "step_args.h"
 
 namespace {
@@ -43,7 +44,8 @@ void step_(const Tensors& params, const Tensors& grads, const Tensors& square_av
 
 // The lists of a step that do not change from one step to the next (the params and their state),
 // held converted; step() adds the grads and the scalars and calls the op, which checks
-// everything, these tensors included, as on any call.
+// everything, these tensors included, as on any call. check() runs the op's checks alone (a step
+// of several param groups checks every group before it writes any).
 class StepLists {
  public:
   StepLists(Tensors params, Tensors square_avgs, Tensors grad_avgs, Tensors momentum_buffers,
@@ -67,9 +69,49 @@ class StepLists {
           rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
   }
 
+  void check(const Tensors& grads, double lr, double alpha, double eps, double weight_decay,
+             double momentum, bool centered, bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
+             bool decoupled_weight_decay, bool nesterov, bool bias_correction, bool variance_state,
+             std::optional<int64_t> rounding_seed, const std::optional<at::Tensor>& lr_tensor,
+             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+             const std::optional<at::Tensor>& clip_coef) const {
+    const Tensors none;
+    const rmsprop_fused::StepArgs args{
+        rmsprop_fused::TensorLists{params_, grads, square_avgs_, grad_avgs_, momentum_buffers_,
+                                   state_steps_, none, none, none},
+        rmsprop_fused::Hyperparameters{lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                                       eps_in_sqrt, lr_in_momentum, decoupled_weight_decay,
+                                       nesterov, bias_correction, variance_state, rounding_seed},
+        lr_tensor, grad_scale, found_inf, clip_coef};
+    rmsprop_fused::check_op_args(
+        args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
+  }
+
+  // The held tensors, then `grads`, appended to `out`.
+  void append_tensors(const Tensors& grads, Tensors& out) const {
+    for (const Tensors* list : {&params_, &grads, &square_avgs_, &grad_avgs_, &momentum_buffers_,
+                                &state_steps_}) {
+      out.insert(out.end(), list->begin(), list->end());
+    }
+  }
+
  private:
   Tensors params_, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_;
 };
+
+// Whether any two tensors of these groups' steps (each group's lists and grads) share memory: the
+// op checks the tensors of one call, a step of several groups all of them.
+bool groups_share_memory(const std::vector<const StepLists*>& groups,
+                         const std::vector<Tensors>& grads) {
+  TORCH_CHECK_VALUE(groups.size() == grads.size(), "rmsprop_fused: ", groups.size(),
+                    " groups but ", grads.size(), " lists of grads");
+  Tensors all;
+  for (size_t g = 0; g < groups.size(); ++g) groups[g]->append_tensors(grads[g], all);
+  static const auto overlapping_pair = c10::Dispatcher::singleton()
+                                           .findSchemaOrThrow("rmsprop_fused::overlapping_pair", "")
+                                           .typed<std::vector<int64_t>(at::TensorList)>();
+  return !overlapping_pair.call(all).empty();
+}
 
 }  // namespace
 
@@ -101,5 +143,11 @@ PYBIND11_MODULE(_C, m) {
       .def(pybind11::init<Tensors, Tensors, Tensors, Tensors, Tensors>())
       .def("step", &StepLists::step, "step_ with these lists and the given grads (positional: "
            "the grads, then every scalar of the schema in its order)",
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("check", &StepLists::check, "step()'s checks alone: raises what step() would refuse "
+           "with, and writes nothing");
+  m.def("groups_share_memory", &groups_share_memory,
+        "Whether two tensors of these StepLists' steps, with their grads, share memory",
+        pybind11::arg("groups"), pybind11::arg("grads"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

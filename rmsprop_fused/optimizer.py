@@ -161,6 +161,21 @@ class _FastLists(NamedTuple):
     handle: Any
 
 
+class _FastCall(NamedTuple):
+    """One group's call of the fast step: its converted lists, this step's grads, the scalars of
+    the op's schema up to the lr tensor, and the device the AMP and clipping tensors go to."""
+
+    handle: Any
+    grads: list
+    scalars: tuple
+    device: torch.device
+
+    def arguments(self, grad_scale, found_inf, clip_coef) -> tuple:
+        """StepLists.step's (and check's) positional arguments."""
+        return (self.grads, *self.scalars, _on(grad_scale, self.device), _on(found_inf, self.device),
+                _on(clip_coef, self.device))
+
+
 class _Gathered(NamedTuple):
     """What a step updates in one param group: the params that have a grad and the lists of the
     step (functional.Lists, None where state is not created yet), the indices of the params that
@@ -331,7 +346,7 @@ class FusedRMSprop(Optimizer):
         self.norm_type = float(norm_type)
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.grad_norm: Optional[Tensor] = None
-        self._fast_cache = None
+        self._fast_cache: Dict[int, _FastLists] = {}
         super().__init__(params, defaults)  # each group is checked by add_param_group
 
     @property
@@ -343,7 +358,7 @@ class FusedRMSprop(Optimizer):
     @state.setter
     def state(self, value) -> None:
         self._state = value if isinstance(value, _StateByParam) else _StateByParam(value)
-        self._fast_cache = None
+        self._fast_cache = {}
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then the constructor's checks: the group's hyperparameters,
@@ -505,7 +520,8 @@ class FusedRMSprop(Optimizer):
         gathered = [self._gather(i, group) for i, group in enumerate(self.param_groups)]
         for group_index, (group, members) in enumerate(zip(self.param_groups, gathered)):
             _check_backend_runs(group, group_index, members.lists.params)
-            check_no_overlap(members.lists, where=_optimizer_names(group_index, group, members))
+        lists, where = _across_groups(self.param_groups, gathered)
+        check_no_overlap(lists, where=where)
         clip_coef = self._clip_coefficient([g for members in gathered for g in members.lists.grads], grad_scale, found_inf)
         for index, (group, members) in enumerate(zip(self.param_groups, gathered)):
             if members.lacks_state():
@@ -531,64 +547,86 @@ class FusedRMSprop(Optimizer):
             )
 
     def _fast_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
-        """The common step in one call of the op, with no per-param Python checks: one param
-        group of plain tensors that all have grads and state, a compiled backend, state in one
-        dtype. The op checks everything itself before it writes (a refusal is a ValueError, and
-        changes nothing), and a single call is atomic, so when it refuses, the full path runs and
-        words the error, or takes what the op cannot (a view with gaps). False when this step is
-        not such a step, or was refused. What it reads per param is a grad and the state tensors
-        (from the params' state dicts, found again only when the optimizer's state or the group's
-        params changed): about 0.1 us each."""
-        if _extension.load_error is not None or len(self.param_groups) != 1 or torch.compiler.is_compiling():
+        """The common step in one call of the op per param group, with no per-param Python
+        checks: groups of plain tensors that all have grads and state, a compiled backend, state
+        in one dtype. The op checks everything itself before it writes (a refusal is a ValueError,
+        and changes nothing), and one call is atomic, so when it refuses, the full path runs and
+        words the error, or takes what the op cannot (a view with gaps). With several groups,
+        every group's call is checked first (StepLists.check: the op's own checks) and all the
+        groups' tensors for shared memory, so that a refusal still comes before any write. False
+        when this step is not such a step, or was refused. What it reads per param is a grad and
+        the state tensors (from the params' state dicts, found again only when the optimizer's
+        state or a group's params changed): about 0.1 us each."""
+        if _extension.load_error is not None or torch.compiler.is_compiling():
             return False  # (no extension: the full path takes the reference, or names why not)
-        group = self.param_groups[0]
+        calls = []
+        for index, group in enumerate(self.param_groups):
+            call = self._fast_call(index, group)
+            if call is None:
+                return False
+            calls.append(call)
+        clip_coef = self._clip_coefficient([g for call in calls for g in call.grads], grad_scale, found_inf)
+        arguments = [call.arguments(grad_scale, found_inf, clip_coef) for call in calls]
+        try:
+            if len(calls) > 1:
+                for call, args in zip(calls, arguments):
+                    call.handle.check(*args)
+                if _extension._module.groups_share_memory([call.handle for call in calls], [call.grads for call in calls]):
+                    return False  # the full path names the two tensors
+            else:
+                calls[0].handle.step(*arguments[0])
+                return True
+        except (ValueError, NotImplementedError):
+            # refused before any write (by the op's checks, or by the dispatcher: no kernel for a
+            # sparse grad's backend): the full path words it, or copes
+            return False
+        for call, args in zip(calls, arguments):  # all checked: none refuses now
+            call.handle.step(*args)
+        return True
+
+    def _fast_call(self, index: int, group: dict) -> Optional["_FastCall"]:
+        """A group's call of the fast step, or None when the group needs the full path."""
         params = group["params"]
         if group["differentiable"] or group["state_dtype"] == quantization.EIGHT_BIT or group["backend"] not in ("auto", "cpu", "cuda"):
-            return False  # (8-bit groups keep their small tensors in float32: two calls)
+            return None  # (8-bit groups keep their small tensors in float32: two calls)
         keys = _state_keys(group)
-        lists = self._fast_lists(params, keys)
+        lists = self._fast_lists(index, params, keys)
         if lists is None:
-            return False
+            return None
         grads = [p.grad for p in params]
         if any(g is None for g in grads):  # a param without a grad this step: the full path
-            return False  # (not `None in grads`: that compares tensors with ==, 40 us each)
+            return None  # (not `None in grads`: that compares tensors with ==, 40 us each)
         first = params[0]
         self._check_group(group)
         try:
             name = backends.select(group["backend"], first.device, first.dtype, lists.state_dtype)
         except BackendUnavailableError:
-            return False  # the full path names the param
+            return None  # the full path names the param
         lr = group["lr"]
         if name not in ("cpu", "cuda") or (isinstance(lr, Tensor) and lr.device != first.device):
-            return False  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
-        clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
+            return None  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
         lr_tensor = lr if isinstance(lr, Tensor) else None
         rounds = group["stochastic_rounding"] and _stores_16_bit(first.dtype, group["state_dtype"])
-        try:
-            lists.handle.step(
-                grads, 0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
-                group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
-                group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
-                group["nesterov"], group["bias_correction"], _uses_variance_state(group),
-                _group_seed(group, 0) if rounds else None,
-                lr_tensor, _on(grad_scale, first.device), _on(found_inf, first.device), _on(clip_coef, first.device),
-            )
-        except (ValueError, NotImplementedError):
-            # refused before any write (by the op's checks, or by the dispatcher: no kernel for a
-            # sparse grad's backend): the full path words it, or copes
-            return False
-        return True
+        scalars = (
+            0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
+            group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
+            group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
+            group["nesterov"], group["bias_correction"], _uses_variance_state(group),
+            _group_seed(group, index) if rounds else None, lr_tensor,
+        )
+        return _FastCall(lists.handle, grads, scalars, first.device)
 
-    def _fast_lists(self, params: list, keys: Dict[str, str]) -> Optional["_FastLists"]:
-        """The converted lists of the fast step (params, their state tensors and step counters), when
-        all params are plain real tensors with the state `keys` names; built again only when the
-        optimizer's state (its version counter) or the group's params changed."""
-        cached = self._fast_cache
+    def _fast_lists(self, index: int, params: list, keys: Dict[str, str]) -> Optional["_FastLists"]:
+        """The converted lists of group `index`'s fast step (params, their state tensors and step
+        counters), when all params are plain real tensors with the state `keys` names; built
+        again only when the optimizer's state (its version counter) or the group's params
+        changed."""
+        cached = self._fast_cache.get(index)
         version = self.state.version
         if (cached is not None and cached.version == version and cached.keys == keys
                 and len(cached.params) == len(params) and all(map(operator.is_, cached.params, params))):
             return cached
-        self._fast_cache = None
+        self._fast_cache.pop(index, None)
         if not params or not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)) or any(p.is_complex() for p in params):
             return None
         states = [self.state.get(p) for p in params]
@@ -599,8 +637,8 @@ class FusedRMSprop(Optimizer):
             return None
         handle = _extension.step_lists(params, tensors["square_avgs"], tensors.get("grad_avgs", []),
                                        tensors.get("momentum_buffers", []), steps)
-        self._fast_cache = _FastLists(list(params), version, dict(keys), tensors["square_avgs"][0].dtype, handle)
-        return self._fast_cache
+        self._fast_cache[index] = _FastLists(list(params), version, dict(keys), tensors["square_avgs"][0].dtype, handle)
+        return self._fast_cache[index]
 
     def _clip_coefficient(self, grads: List[Tensor], grad_scale, found_inf) -> Optional[Tensor]:
         """The clip coefficient of these grads (all of the step's), or None without clipping;
@@ -803,6 +841,24 @@ def _optimizer_names(group_index: int, group: dict, members: _Gathered):
         return f"param group {group_index}, param {index}: {labels[list_name]}"
 
     return name
+
+
+def _across_groups(groups: List[dict], gathered: List[_Gathered]):
+    """Every group's step lists end to end, and `where` for check_no_overlap: the optimizer's name
+    of a tensor in them. Shared memory is refused across groups as within one: a step writes
+    them all."""
+    lists = Lists(*([t for members in gathered for t in getattr(members.lists, name)] for name in Lists._fields))
+    names = [_optimizer_names(i, group, members) for i, (group, members) in enumerate(zip(groups, gathered))]
+
+    def where(list_name: str, k: int) -> str:
+        for name, members in zip(names, gathered):
+            count = len(getattr(members.lists, list_name))
+            if k < count:
+                return name(list_name, k)
+            k -= count
+        raise IndexError(k)
+
+    return lists, where
 
 
 def _group_seed(group: dict, group_index: int) -> int:

@@ -474,6 +474,68 @@ def test_the_next_step_sees_every_change_to_the_state(edit):
         assert torch.equal(fast, reference)
 
 
+def _two_groups(backend, dtype=torch.float32, **options):
+    torch.manual_seed(13)
+    params = [nn.Parameter(torch.randn(s).to(dtype)) for s in ((6, 5), (7,), (3, 4), (9,))]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.03, "momentum": 0.5, "centered": True}]
+    return params, FusedRMSprop(groups, backend=backend, momentum=0.9, **options)
+
+
+@pytest.mark.parametrize("dtype, options", [
+    (torch.float32, {}), (torch.float32, {"max_grad_norm": 1.0}),
+    (torch.bfloat16, {"stochastic_rounding": True, "rounding_seed": 7}),
+], ids=["fp32", "fp32-clip", "bf16-stochastic"])
+def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype, options, monkeypatch):
+    """The fast step of several param groups (one op call each, every one checked before any
+    writes) against the reference backend's full path: per-group options, clipping across groups,
+    each group's own rounding stream; and no per-param Python check runs."""
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    from rmsprop_fused import optimizer
+
+    checked = []
+    monkeypatch.setattr(optimizer, "check_param", lambda *args, **kwargs: checked.append(args[0]) or True)
+    runs = []
+    for backend in ("auto", "reference"):
+        params, opt = _two_groups(backend, dtype, **options)
+        grads = torch.Generator().manual_seed(fresh_seed() if not runs else seed)
+        seed = grads.initial_seed()
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads).to(dtype) * 3
+            opt.step()
+            if step == 0:
+                checked.clear()  # the first step creates the state on the full path
+        if backend == "auto":  # one converted list per group, kept between steps, and no Python checks
+            assert checked == [] and set(opt._fast_cache) == {0, 1}
+        runs.append(params)
+    for fast, reference in zip(*runs):
+        assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("defect", ["a bad grad in the last group", "a grad shared across groups"])
+def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    params, opt = _two_groups("auto")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if defect == "a bad grad in the last group":
+        params[3].grad.data = torch.randn(9, dtype=torch.float64)  # (the .grad setter refuses it)
+        expected = r"param group 1, param 1: grad \(gradient\) is float64"
+    else:
+        params[2].grad = params[0].grad.view(3, 10)[:, :4]  # a view of group 0's grad
+        expected = r"param group 0, param 0: grad and param group 1, param 0: grad share memory"
+    before = [p.detach().clone() for p in params], {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=expected):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
 def test_load_state_dict_hooks_run_where_torch_runs_them():
     """A pre-hook's returned state_dict is what is checked and loaded (so a hook may repair a
     checkpoint: here it drops a key RMSprop does not have), and what a post-hook puts in the state
