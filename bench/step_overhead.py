@@ -31,15 +31,23 @@ SETTINGS = {
     "max_grad_norm=1": dict(max_grad_norm=1.0),
     "centered + momentum + max_grad_norm": dict(centered=True, momentum=0.9, max_grad_norm=1.0),
     "bf16 state": dict(state_dtype=torch.bfloat16),
+    "two param groups": dict(param_groups=2),
+    "8-bit state (the full path)": dict(state_dtype="8bit"),
     "backend='reference'": dict(backend="reference"),
 }
 
 
-def make(n: int, factory, **options):
+def make(n: int, factory, param_groups: int = 1, **options):
+    """n one-element params with grads, in `param_groups` groups of (nearly) equal size, the
+    second's lr its own."""
     params = [nn.Parameter(torch.randn(1)) for _ in range(n)]
     for p in params:
         p.grad = torch.randn(1)
-    return factory(params, **options)
+    size = -(-n // param_groups)
+    groups = [{"params": params[k:k + size]} for k in range(0, n, size)]
+    for group in groups[1:]:
+        group["lr"] = 0.02
+    return factory(groups, **options)
 
 
 def time_steps(optimizer, steps: int) -> float:
@@ -61,7 +69,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     for name, options in SETTINGS.items():
         fused = make(args.params, FusedRMSprop, **options)
-        torch_options = {k: v for k, v in options.items() if k in ("centered", "momentum")}
+        torch_options = {k: v for k, v in options.items() if k in ("centered", "momentum", "param_groups")}
         reference = make(args.params, torch.optim.RMSprop, foreach=False, **torch_options)
         for optimizer in (fused, reference):
             time_steps(optimizer, args.steps)  # warm-up: state, caches
