@@ -56,35 +56,32 @@ class StepLists {
         momentum_buffers_(std::move(momentum_buffers)),
         state_steps_(std::move(state_steps)) {}
 
-  void step(const Tensors& grads, double lr, double alpha, double eps, double weight_decay,
+  // step() and check(), one signature: the grads, then every scalar of the schema in its order.
+  template <bool kCheckOnly>
+  void call(const Tensors& grads, double lr, double alpha, double eps, double weight_decay,
             double momentum, bool centered, bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
             bool decoupled_weight_decay, bool nesterov, bool bias_correction, bool variance_state,
             std::optional<int64_t> rounding_seed, const std::optional<at::Tensor>& lr_tensor,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& clip_coef) const {
     const Tensors none;
-    step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_, none, none,
-          none, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
-          lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state,
-          rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
-  }
-
-  void check(const Tensors& grads, double lr, double alpha, double eps, double weight_decay,
-             double momentum, bool centered, bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
-             bool decoupled_weight_decay, bool nesterov, bool bias_correction, bool variance_state,
-             std::optional<int64_t> rounding_seed, const std::optional<at::Tensor>& lr_tensor,
-             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-             const std::optional<at::Tensor>& clip_coef) const {
-    const Tensors none;
-    const rmsprop_fused::StepArgs args{
-        rmsprop_fused::TensorLists{params_, grads, square_avgs_, grad_avgs_, momentum_buffers_,
-                                   state_steps_, none, none, none},
-        rmsprop_fused::Hyperparameters{lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                                       eps_in_sqrt, lr_in_momentum, decoupled_weight_decay,
-                                       nesterov, bias_correction, variance_state, rounding_seed},
-        lr_tensor, grad_scale, found_inf, clip_coef};
-    rmsprop_fused::check_op_args(
-        args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
+    if constexpr (kCheckOnly) {
+      const rmsprop_fused::StepArgs args{
+          rmsprop_fused::TensorLists{params_, grads, square_avgs_, grad_avgs_, momentum_buffers_,
+                                     state_steps_, none, none, none},
+          rmsprop_fused::Hyperparameters{lr, alpha, eps, weight_decay, momentum, centered,
+                                         maximize, eps_in_sqrt, lr_in_momentum,
+                                         decoupled_weight_decay, nesterov, bias_correction,
+                                         variance_state, rounding_seed},
+          lr_tensor, grad_scale, found_inf, clip_coef};
+      rmsprop_fused::check_op_args(
+          args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
+    } else {
+      step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_, none, none,
+            none, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+            lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state,
+            rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
+    }
   }
 
   // The held tensors, then `grads`, appended to `out`.
@@ -141,11 +138,11 @@ PYBIND11_MODULE(_C, m) {
                               "A step's params, square_avgs, grad_avgs, momentum_buffers and "
                               "state_steps, converted once")
       .def(pybind11::init<Tensors, Tensors, Tensors, Tensors, Tensors>())
-      .def("step", &StepLists::step, "step_ with these lists and the given grads (positional: "
-           "the grads, then every scalar of the schema in its order)",
+      .def("step", &StepLists::call<false>, "step_ with these lists and the given grads "
+           "(positional: the grads, then every scalar of the schema in its order)",
            pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("check", &StepLists::check, "step()'s checks alone: raises what step() would refuse "
-           "with, and writes nothing");
+      .def("check", &StepLists::call<true>, "step()'s checks alone: raises what step() would "
+           "refuse with, and writes nothing");
   m.def("groups_share_memory", &groups_share_memory,
         "Whether two tensors of these StepLists' steps, with their grads, share memory",
         pybind11::arg("groups"), pybind11::arg("grads"),
