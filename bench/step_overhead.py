@@ -5,7 +5,8 @@ torch.optim.RMSprop (foreach=False, its CPU default) on as many params the same 
 microseconds a step and a param, and how many times as long torch's step takes. (Rounds are not
 interleaved with torch's: its thousands of temporary tensors a step leave the garbage collector
 and the allocator work that then lands in whichever step runs next, which doubled the fused
-step's time here.)
+step's time here.) One setting makes 4 of the params 4,096 elements long, so that an 8-bit
+group has codes as well as float32 state (two op calls): its time includes their kernel work.
 
     python bench/step_overhead.py [--params 148] [--rounds 15] [--threads 1]
 """
@@ -32,17 +33,19 @@ SETTINGS = {
     "centered + momentum + max_grad_norm": dict(centered=True, momentum=0.9, max_grad_norm=1.0),
     "bf16 state": dict(state_dtype=torch.bfloat16),
     "two param groups": dict(param_groups=2),
-    "8-bit state (the full path)": dict(state_dtype="8bit"),
+    "8-bit state": dict(state_dtype="8bit"),
+    "8-bit, 4 params of 4,096 (two calls)": dict(state_dtype="8bit", quantized=4),
     "backend='reference'": dict(backend="reference"),
 }
 
 
-def make(n: int, factory, param_groups: int = 1, **options):
+def make(n: int, factory, param_groups: int = 1, quantized: int = 0, **options):
     """n one-element params with grads, in `param_groups` groups of (nearly) equal size, the
-    second's lr its own."""
-    params = [nn.Parameter(torch.randn(1)) for _ in range(n)]
+    second's lr its own; the first `quantized` of them have 4,096 elements instead, the least that
+    8-bit state quantizes (the others keep float32 state: a group of both is two op calls)."""
+    params = [nn.Parameter(torch.randn(4096 if k < quantized else 1)) for k in range(n)]
     for p in params:
-        p.grad = torch.randn(1)
+        p.grad = torch.randn_like(p)
     size = -(-n // param_groups)
     groups = [{"params": params[k:k + size]} for k in range(0, n, size)]
     for group in groups[1:]:
@@ -69,7 +72,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     for name, options in SETTINGS.items():
         fused = make(args.params, FusedRMSprop, **options)
-        torch_options = {k: v for k, v in options.items() if k in ("centered", "momentum", "param_groups")}
+        torch_options = {k: v for k, v in options.items() if k in ("centered", "momentum", "param_groups", "quantized")}
         reference = make(args.params, torch.optim.RMSprop, foreach=False, **torch_options)
         for optimizer in (fused, reference):
             time_steps(optimizer, args.steps)  # warm-up: state, caches

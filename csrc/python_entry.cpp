@@ -42,19 +42,29 @@ void step_(const Tensors& params, const Tensors& grads, const Tensors& square_av
           variance_state, rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
 }
 
-// The lists of a step that do not change from one step to the next (the params and their state),
-// held converted; step() adds the grads and the scalars and calls the op, which checks
-// everything, these tensors included, as on any call. check() runs the op's checks alone (a step
-// of several param groups checks every group before it writes any).
+// The lists of a step that do not change from one step to the next (the params, their state and
+// its 8-bit scales), held converted; step() adds the grads and the scalars and calls the op, which
+// checks everything, these tensors included, as on any call. check() runs the op's checks alone (a
+// step of several calls checks every call before it writes any). Both first check that each
+// param's state has the dtype its group asks for (expected_state_dtype, as first_irregular): the
+// op takes any state dtype its kernels update, and a param's dtype may change under the lists
+// (module.to() swaps .data).
 class StepLists {
  public:
   StepLists(Tensors params, Tensors square_avgs, Tensors grad_avgs, Tensors momentum_buffers,
-            Tensors state_steps)
+            Tensors state_steps, Tensors square_avg_scales, Tensors grad_avg_scales,
+            Tensors momentum_buffer_scales, std::optional<at::ScalarType> requested_state_dtype,
+            int64_t min_quantized_numel)
       : params_(std::move(params)),
         square_avgs_(std::move(square_avgs)),
         grad_avgs_(std::move(grad_avgs)),
         momentum_buffers_(std::move(momentum_buffers)),
-        state_steps_(std::move(state_steps)) {}
+        state_steps_(std::move(state_steps)),
+        square_avg_scales_(std::move(square_avg_scales)),
+        grad_avg_scales_(std::move(grad_avg_scales)),
+        momentum_buffer_scales_(std::move(momentum_buffer_scales)),
+        requested_state_dtype_(requested_state_dtype),
+        min_quantized_numel_(min_quantized_numel) {}
 
   // step() and check(), one signature: the grads, then every scalar of the schema in its order.
   template <bool kCheckOnly>
@@ -64,11 +74,19 @@ class StepLists {
             std::optional<int64_t> rounding_seed, const std::optional<at::Tensor>& lr_tensor,
             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
             const std::optional<at::Tensor>& clip_coef) const {
-    const Tensors none;
+    for (size_t i = 0; i < params_.size() && i < square_avgs_.size(); ++i) {
+      const at::ScalarType expected = rmsprop_fused::expected_state_dtype(
+          params_[i], requested_state_dtype_, min_quantized_numel_);
+      TORCH_CHECK_VALUE(square_avgs_[i].scalar_type() == expected, "rmsprop_fused: square_avgs[", i,
+                        "] is ", square_avgs_[i].scalar_type(), " but the state_dtype asked for ",
+                        "keeps ", expected, " for params[", i, "] (", params_[i].scalar_type(),
+                        ", ", params_[i].numel(), " elements)");
+    }
     if constexpr (kCheckOnly) {
       const rmsprop_fused::StepArgs args{
           rmsprop_fused::TensorLists{params_, grads, square_avgs_, grad_avgs_, momentum_buffers_,
-                                     state_steps_, none, none, none},
+                                     state_steps_, square_avg_scales_, grad_avg_scales_,
+                                     momentum_buffer_scales_},
           rmsprop_fused::Hyperparameters{lr, alpha, eps, weight_decay, momentum, centered,
                                          maximize, eps_in_sqrt, lr_in_momentum,
                                          decoupled_weight_decay, nesterov, bias_correction,
@@ -77,8 +95,8 @@ class StepLists {
       rmsprop_fused::check_op_args(
           args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
     } else {
-      step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_, none, none,
-            none, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
+      step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_,
+            square_avg_scales_, grad_avg_scales_, momentum_buffer_scales_, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
             lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state,
             rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
     }
@@ -87,13 +105,17 @@ class StepLists {
   // The held tensors, then `grads`, appended to `out`.
   void append_tensors(const Tensors& grads, Tensors& out) const {
     for (const Tensors* list : {&params_, &grads, &square_avgs_, &grad_avgs_, &momentum_buffers_,
-                                &state_steps_}) {
+                                &state_steps_, &square_avg_scales_, &grad_avg_scales_,
+                                &momentum_buffer_scales_}) {
       out.insert(out.end(), list->begin(), list->end());
     }
   }
 
  private:
   Tensors params_, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_;
+  Tensors square_avg_scales_, grad_avg_scales_, momentum_buffer_scales_;  // 8-bit state only
+  std::optional<at::ScalarType> requested_state_dtype_;  // expected_state_dtype's arguments
+  int64_t min_quantized_numel_;
 };
 
 // Whether any two tensors of these groups' steps (each group's lists and grads) share memory: the
@@ -135,9 +157,11 @@ PYBIND11_MODULE(_C, m) {
         "Benchmark aid (bench/prefetch_sweep.py): sets cpu_prefetch_bytes (a multiple of 64 from 0 "
         "to 16384); returns the previous distance", pybind11::arg("bytes"));
   pybind11::class_<StepLists>(m, "StepLists",
-                              "A step's params, square_avgs, grad_avgs, momentum_buffers and "
-                              "state_steps, converted once")
-      .def(pybind11::init<Tensors, Tensors, Tensors, Tensors, Tensors>())
+                              "A step's params, square_avgs, grad_avgs, momentum_buffers, "
+                              "state_steps and the three lists of 8-bit scales, converted once, "
+                              "and the state dtype asked for (as first_irregular takes it)")
+      .def(pybind11::init<Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors, Tensors,
+                          std::optional<at::ScalarType>, int64_t>())
       .def("step", &StepLists::call<false>, "step_ with these lists and the given grads "
            "(positional: the grads, then every scalar of the schema in its order)",
            pybind11::call_guard<pybind11::gil_scoped_release>())

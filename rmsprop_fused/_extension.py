@@ -195,10 +195,14 @@ def rmsprop_extension(
     )
 
 
-def step_lists(params, square_avgs, grad_avgs, momentum_buffers, state_steps):
-    """The params and state lists of a step, converted once (csrc/python_entry.cpp StepLists):
-    its step() takes the grads and the op's scalars, positionally."""
-    return _module.StepLists(params, square_avgs, grad_avgs, momentum_buffers, state_steps)
+def step_lists(params, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales,
+               grad_avg_scales, momentum_buffer_scales, *, requested_state_dtype, min_quantized_numel):
+    """The params and state lists of a step (all but the grads, in the op's order; scales for
+    8-bit state), converted once (csrc/python_entry.cpp StepLists), with the state dtype the
+    step's state must have (functional.expected_state_dtype_arguments): its step() takes the
+    grads and the op's scalars, positionally."""
+    return _module.StepLists(params, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales,
+                             grad_avg_scales, momentum_buffer_scales, requested_state_dtype, min_quantized_numel)
 
 
 if load_error is None:

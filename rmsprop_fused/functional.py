@@ -232,10 +232,15 @@ def first_irregular(params, grads, square_avgs=(), grad_avgs=(), momentum_buffer
                   momentum_buffer_scales)
     if not all(_PLAIN_TENSOR_TYPES_OR_NONE.issuperset(map(type, tensors)) for tensors in companions):
         return 0
-    eight_bit = state_dtype == _quantization.EIGHT_BIT
-    requested = torch.uint8 if eight_bit else state_dtype
-    return torch.ops.rmsprop_fused.first_irregular(
-        params, *companions, requested, _quantization.MIN_QUANTIZED_NUMEL if eight_bit else 0)
+    return torch.ops.rmsprop_fused.first_irregular(params, *companions, *expected_state_dtype_arguments(state_dtype))
+
+
+def expected_state_dtype_arguments(state_dtype) -> tuple:
+    """A requested state dtype (None, a dtype or "8bit") as the C++ checks take it
+    (csrc/rmsprop_op.h expected_state_dtype): (the dtype or None, the least numel quantized)."""
+    if state_dtype == _quantization.EIGHT_BIT:
+        return torch.uint8, _quantization.MIN_QUANTIZED_NUMEL
+    return state_dtype, 0
 
 
 def check_param(index: int, param, grad, square_avg=None, grad_avg=None, momentum_buffer=None, *,

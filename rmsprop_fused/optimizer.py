@@ -15,7 +15,7 @@ from . import _quantization as quantization
 from .errors import BackendUnavailableError
 from .functional import (
     _PLAIN_TENSOR_TYPES, _REAL_DTYPE, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, _stores_16_bit, apply_checked,
-    check_hyperparameters, check_no_overlap, check_param, first_irregular,
+    check_hyperparameters, check_no_overlap, check_param, expected_state_dtype_arguments, first_irregular,
 )
 
 __all__ = ["FusedRMSprop"]
@@ -150,20 +150,32 @@ def _plain_state(items: dict) -> collections.defaultdict:
     return collections.defaultdict(dict, {k: dict(v) for k, v in items.items()})
 
 
-class _FastLists(NamedTuple):
-    """What the fast step keeps between steps: the params it was built for, the state version and
-    keys it read, the state dtype, and the converted lists (rmsprop_fused._C.StepLists)."""
+class _FastPart(NamedTuple):
+    """One call of a group's fast step: its params (in the group's order), their state dtype, and
+    the converted lists (rmsprop_fused._C.StepLists). A group is one part, or two in an 8-bit group
+    that has tensors under MIN_QUANTIZED_NUMEL, which keep float32 state: the full path's split
+    (functional._groups), so that each tensor has the same index in its call, and rounds alike."""
 
     params: list
-    version: int
-    keys: dict
     state_dtype: torch.dtype
     handle: Any
 
 
+class _FastLists(NamedTuple):
+    """What the fast step keeps of a group between steps: the params, state_dtype, state version
+    and keys it was built for, and its parts."""
+
+    params: list
+    state_dtype: Any
+    version: int
+    keys: dict
+    parts: tuple
+
+
 class _FastCall(NamedTuple):
-    """One group's call of the fast step: its converted lists, this step's grads, the scalars of
-    the op's schema up to the lr tensor, and the device the AMP and clipping tensors go to."""
+    """One call of the fast step (a group's part): its converted lists, this step's grads, the
+    scalars of the op's schema up to the lr tensor, and the device the AMP and clipping tensors
+    go to."""
 
     handle: Any
     grads: list
@@ -195,6 +207,12 @@ class _Gathered(NamedTuple):
                    for states, scales in ((l.square_avgs, l.square_avg_scales), (l.grad_avgs, l.grad_avg_scales),
                                           (l.momentum_buffers, l.momentum_buffer_scales))
                    for state, scale in zip(states, scales))
+
+
+def _same_state_dtype(a, b) -> bool:
+    """Whether two state_dtype options are the same (None, a dtype or "8bit": `==` alone would
+    compare a dtype with a string)."""
+    return a is b or (type(a) is type(b) and a == b)
 
 
 def _uses_variance_state(group: dict) -> bool:
@@ -547,25 +565,27 @@ class FusedRMSprop(Optimizer):
             )
 
     def _fast_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
-        """The common step in one call of the op per param group, with no per-param Python
-        checks: groups of plain tensors that all have grads and state, a compiled backend, state
-        in one dtype. The op checks everything itself before it writes (a refusal is a ValueError,
+        """The common step in one call of the op per param group (two for an 8-bit group with
+        small tensors), with no per-param Python checks: groups of plain tensors that all have
+        grads and state, in the dtypes their state_dtype asks for, and a compiled backend. The
+        op checks everything itself before it writes (a refusal is a ValueError,
         and changes nothing), and one call is atomic, so when it refuses, the full path runs and
-        words the error, or takes what the op cannot (a view with gaps). With several groups,
-        every group's call is checked first (StepLists.check: the op's own checks) and all the
-        groups' tensors for shared memory, so that a refusal still comes before any write. False
+        words the error, or takes what the op cannot (a view with gaps). With several calls,
+        every call is checked first (StepLists.check: the op's own checks) and all the
+        calls' tensors for shared memory, so that a refusal still comes before any write. False
         when this step is not such a step, or was refused. What it reads per param is a grad and
         the state tensors (from the params' state dicts, found again only when the optimizer's
         state or a group's params changed): about 0.1 us each."""
         if _extension.load_error is not None or torch.compiler.is_compiling():
             return False  # (no extension: the full path takes the reference, or names why not)
-        calls = []
+        calls, grads = [], []  # (the grads in the groups' order: the norm's sum runs in the full path's)
         for index, group in enumerate(self.param_groups):
-            call = self._fast_call(index, group)
-            if call is None:
+            found = self._fast_calls(index, group)
+            if found is None:
                 return False
-            calls.append(call)
-        clip_coef = self._clip_coefficient([g for call in calls for g in call.grads], grad_scale, found_inf)
+            grads += found[0]
+            calls += found[1]
+        clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
         arguments = [call.arguments(grad_scale, found_inf, clip_coef) for call in calls]
         try:
             if len(calls) > 1:
@@ -584,60 +604,84 @@ class FusedRMSprop(Optimizer):
             call.handle.step(*args)
         return True
 
-    def _fast_call(self, index: int, group: dict) -> Optional["_FastCall"]:
-        """A group's call of the fast step, or None when the group needs the full path."""
+    def _fast_calls(self, index: int, group: dict) -> Optional[tuple]:
+        """A group's grads and its calls of the fast step (one per part), or None when the group
+        needs the full path."""
         params = group["params"]
-        if group["differentiable"] or group["state_dtype"] == quantization.EIGHT_BIT or group["backend"] not in ("auto", "cpu", "cuda"):
-            return None  # (8-bit groups keep their small tensors in float32: two calls)
-        keys = _state_keys(group)
-        lists = self._fast_lists(index, params, keys)
-        if lists is None:
+        if group["differentiable"] or group["backend"] not in ("auto", "cpu", "cuda"):
             return None
         grads = [p.grad for p in params]
         if any(g is None for g in grads):  # a param without a grad this step: the full path
             return None  # (not `None in grads`: that compares tensors with ==, 40 us each)
-        first = params[0]
         self._check_group(group)
-        try:
-            name = backends.select(group["backend"], first.device, first.dtype, lists.state_dtype)
-        except BackendUnavailableError:
-            return None  # the full path names the param
+        lists = self._fast_lists(index, group, grads)
+        if lists is None:
+            return None
         lr = group["lr"]
-        if name not in ("cpu", "cuda") or (isinstance(lr, Tensor) and lr.device != first.device):
-            return None  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
         lr_tensor = lr if isinstance(lr, Tensor) else None
-        rounds = group["stochastic_rounding"] and _stores_16_bit(first.dtype, group["state_dtype"])
-        scalars = (
-            0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
-            group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
-            group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
-            group["nesterov"], group["bias_correction"], _uses_variance_state(group),
-            _group_seed(group, index) if rounds else None, lr_tensor,
-        )
-        return _FastCall(lists.handle, grads, scalars, first.device)
+        calls = []
+        for part in lists.parts:
+            first = part.params[0]
+            try:
+                name = backends.select(group["backend"], first.device, first.dtype, part.state_dtype)
+            except BackendUnavailableError:
+                return None  # the full path names the param
+            if name not in ("cpu", "cuda") or (lr_tensor is not None and lr_tensor.device != first.device):
+                return None  # (a tensor lr elsewhere is read on the host, which a CUDA graph capture refuses)
+            rounds = group["stochastic_rounding"] and _stores_16_bit(first.dtype, part.state_dtype)
+            scalars = (
+                0.0 if lr_tensor is not None else float(lr), group["alpha"], group["eps"],
+                group["weight_decay"], group["momentum"], group["centered"], group["maximize"],
+                group["eps_in_sqrt"], group["lr_in_momentum"], group["decoupled_weight_decay"],
+                group["nesterov"], group["bias_correction"], _uses_variance_state(group),
+                _group_seed(group, index) if rounds else None, lr_tensor,
+            )
+            part_grads = grads if len(lists.parts) == 1 else [p.grad for p in part.params]
+            calls.append(_FastCall(part.handle, part_grads, scalars, first.device))
+        return grads, calls
 
-    def _fast_lists(self, index: int, params: list, keys: Dict[str, str]) -> Optional["_FastLists"]:
-        """The converted lists of group `index`'s fast step (params, their state tensors and step
-        counters), when all params are plain real tensors with the state `keys` names; built
-        again only when the optimizer's state (its version counter) or the group's params
-        changed."""
+    def _fast_lists(self, index: int, group: dict, grads: list) -> Optional["_FastLists"]:
+        """The parts of group `index`'s fast step, when all its params are plain real tensors with
+        the state its options use, in the dtypes its state_dtype asks for (first_irregular: the
+        full path's own test, with this step's grads; StepLists checks the dtypes again at every
+        call); built again only when the optimizer's state (its version counter), the group's
+        params or its state_dtype changed."""
+        params = group["params"]
+        keys = _state_keys(group)
+        state_dtype = group["state_dtype"]
         cached = self._fast_cache.get(index)
         version = self.state.version
         if (cached is not None and cached.version == version and cached.keys == keys
+                and _same_state_dtype(cached.state_dtype, state_dtype)
                 and len(cached.params) == len(params) and all(map(operator.is_, cached.params, params))):
             return cached
         self._fast_cache.pop(index, None)
         if not params or not _PLAIN_TENSOR_TYPES.issuperset(map(type, params)) or any(p.is_complex() for p in params):
             return None
         states = [self.state.get(p) for p in params]
+        eight_bit = state_dtype == quantization.EIGHT_BIT
         try:
             tensors = {name: [state[key] for state in states] for name, key in keys.items()}
             steps = [state["step"] for state in states]
-        except (KeyError, TypeError):  # no state yet, or state an option needs (momentum switched on)
+            scales = {name: [state[key + _SCALE_SUFFIX] if state[key].dtype == torch.uint8 else None for state in states]
+                      for name, key in keys.items()} if eight_bit else {}
+        except (KeyError, TypeError, AttributeError):  # no state yet, or state an option needs (momentum switched on)
             return None
-        handle = _extension.step_lists(params, tensors["square_avgs"], tensors.get("grad_avgs", []),
-                                       tensors.get("momentum_buffers", []), steps)
-        self._fast_cache[index] = _FastLists(list(params), version, dict(keys), tensors["square_avgs"][0].dtype, handle)
+        lists = Lists(params, grads, tensors["square_avgs"], tensors.get("grad_avgs", []),
+                      tensors.get("momentum_buffers", []), steps, *(scales.get(name, []) for name in STATE_NAMES))
+        if first_irregular(*lists, state_dtype=state_dtype) >= 0:
+            return None  # the full path checks it, and takes it or words why not
+        parts = []
+        requested, min_quantized_numel = expected_state_dtype_arguments(state_dtype)
+        for part_dtype in dict.fromkeys(t.dtype for t in lists.square_avgs):
+            members = [k for k, t in enumerate(lists.square_avgs) if t.dtype == part_dtype]
+            part = Lists(*([tensors[k] for k in members] if tensors else [] for tensors in lists))
+            if part_dtype != torch.uint8:  # (scales belong to 8-bit state only)
+                part = part._replace(square_avg_scales=[], grad_avg_scales=[], momentum_buffer_scales=[])
+            handle = _extension.step_lists(part.params, *part[2:], requested_state_dtype=requested,
+                                           min_quantized_numel=min_quantized_numel)
+            parts.append(_FastPart(part.params, part_dtype, handle))
+        self._fast_cache[index] = _FastLists(list(params), state_dtype, version, dict(keys), tuple(parts))
         return self._fast_cache[index]
 
     def _clip_coefficient(self, grads: List[Tensor], grad_scale, found_inf) -> Optional[Tensor]:

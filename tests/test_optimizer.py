@@ -488,26 +488,27 @@ def _two_groups(backend, dtype=torch.float32, **options):
 def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype, options, monkeypatch):
     """The fast step of several param groups (one op call each, every one checked before any
     writes) against the reference backend's full path: per-group options, clipping across groups,
-    each group's own rounding stream; and no per-param Python check runs."""
+    each group's own rounding stream; and only the first step (which creates the state) takes the
+    full path."""
     if _extension.load_error is not None:
         pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
     from rmsprop_fused import optimizer
 
-    checked = []
-    monkeypatch.setattr(optimizer, "check_param", lambda *args, **kwargs: checked.append(args[0]) or True)
-    runs = []
+    full_path = []  # (every step of the full path ends in apply_checked)
+    monkeypatch.setattr(optimizer, "apply_checked",
+                        lambda *args, apply=optimizer.apply_checked, **kwargs: full_path.append(1) or apply(*args, **kwargs))
+    runs, seed = [], fresh_seed()
     for backend in ("auto", "reference"):
         params, opt = _two_groups(backend, dtype, **options)
-        grads = torch.Generator().manual_seed(fresh_seed() if not runs else seed)
-        seed = grads.initial_seed()
+        grads = torch.Generator().manual_seed(seed)
         for step in range(4):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=grads).to(dtype) * 3
             opt.step()
             if step == 0:
-                checked.clear()  # the first step creates the state on the full path
-        if backend == "auto":  # one converted list per group, kept between steps, and no Python checks
-            assert checked == [] and set(opt._fast_cache) == {0, 1}
+                full_path.clear()  # the first step creates the state on the full path
+        if backend == "auto":  # one converted list per group, kept between steps, and no full path
+            assert full_path == [] and set(opt._fast_cache) == {0, 1}
         runs.append(params)
     for fast, reference in zip(*runs):
         assert torch.equal(fast, reference)
@@ -534,6 +535,130 @@ def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
     assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
+def _eight_bit_groups(backend, dtype=torch.float32, **options):
+    """An 8-bit group whose params lie on both sides of MIN_QUANTIZED_NUMEL, interleaved (codes and
+    scales, one tensor ending inside a block; float32 state), and a group of bfloat16 state."""
+    torch.manual_seed(14)
+    shapes = ((64, 80), (7,), (4100,), (3, 4), (6, 5))
+    params = [nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    groups = [{"params": params[:4], "state_dtype": "8bit"}, {"params": params[4:], "lr": 0.03, "state_dtype": torch.bfloat16}]
+    return params, FusedRMSprop(groups, backend=backend, **options)
+
+
+@pytest.mark.parametrize("dtype, options", [
+    (torch.float32, {}), (torch.float32, {"centered": True, "momentum": 0.9, "max_grad_norm": 1.0}),
+    (torch.bfloat16, {"momentum": 0.9, "stochastic_rounding": True, "rounding_seed": 7}),
+], ids=["fp32", "fp32-centered-momentum-clip", "bf16-momentum-stochastic"])
+def test_eight_bit_groups_take_the_fast_step_and_compute_the_references_bits(dtype, options, monkeypatch):
+    """An 8-bit group is two op calls, its codes and its small float32 tensors, split as the full
+    path splits it (so that each tensor keeps its index in its call, and its rounding stream):
+    against the reference backend's full path, params and state bit for bit; only the first step
+    (which creates the state) takes the full path."""
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    from rmsprop_fused import optimizer
+    from common import assert_same_bits
+
+    full_path = []  # (every step of the full path ends in apply_checked)
+    monkeypatch.setattr(optimizer, "apply_checked",
+                        lambda *args, apply=optimizer.apply_checked, **kwargs: full_path.append(1) or apply(*args, **kwargs))
+    runs, seed = [], fresh_seed()
+    for backend in ("auto", "reference"):
+        params, opt = _eight_bit_groups(backend, dtype, **options)
+        grads = torch.Generator().manual_seed(seed)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads).to(dtype) * 3
+            opt.step()
+            if step == 0:
+                full_path.clear()  # the first step creates the state on the full path
+        if backend == "auto":
+            assert full_path == []
+            assert [[t.numel() for t in part.params] for part in opt._fast_cache[0].parts] == [[5120, 4100], [7, 12]]
+            assert [part.state_dtype for part in opt._fast_cache[0].parts] == [torch.uint8, torch.float32]
+        runs.append((params, opt))
+    (params, opt), (ref_params, ref_opt) = runs
+    codes = [v for k, v in opt.state[params[0]].items() if k != "step" and not k.endswith("_scale")]
+    assert codes and all(v.dtype == torch.uint8 for v in codes)  # (8-bit state it is)
+    for p, ref in zip(params, ref_params):
+        assert_same_bits(p, ref, name="param")
+        assert opt.state[p].keys() == ref_opt.state[ref].keys()
+        for key, value in opt.state[p].items():
+            assert_same_bits(value, ref_opt.state[ref][key], name=key)
+
+
+def test_a_refusal_in_the_second_call_of_an_eight_bit_group_changes_nothing():
+    """The small tensors' call comes after the codes' call: its refusal must still come before
+    the codes, their scales or any param are written."""
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    params, opt = _eight_bit_groups("auto", momentum=0.9)
+    for _ in range(2):  # (the first creates the state, the second builds the fast step's lists)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(opt._fast_cache[0].parts) == 2
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[3].grad.data = torch.randn(3, 4, dtype=torch.float64)  # (the .grad setter refuses it)
+    before = [p.detach().clone() for p in params], {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    with pytest.raises(ValueError, match=r"param group 0, param 3: grad \(gradient\) is float64"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
+def _state_of_another_dtype(opt, p, stored):
+    state = opt.state[p]
+    for key in ("square_avg", "momentum_buffer"):
+        state[key] = optimizer_state_value(state, key).to(stored)
+        state.pop(key + "_scale", None)
+
+
+# Ways a param's state comes to have another dtype than its group asks for, after the fast step
+# built its lists: (state_dtype, the change).
+OTHER_STATE_DTYPES = {
+    "8-bit state replaced by float32": ("8bit", lambda opt, p: _state_of_another_dtype(opt, p, torch.float32)),
+    "bf16 state replaced by float32": (torch.bfloat16, lambda opt, p: _state_of_another_dtype(opt, p, torch.float32)),
+    "float32 state replaced by bf16": (None, lambda opt, p: _state_of_another_dtype(opt, p, torch.bfloat16)),
+    "the group's state_dtype changed": ("8bit", lambda opt, p: opt.param_groups[0].__setitem__("state_dtype", torch.bfloat16)),
+    "the param's dtype changed (module.to)": (None, lambda opt, p: setattr(p, "data", p.data.bfloat16())),
+}
+
+
+@pytest.mark.parametrize("change", OTHER_STATE_DTYPES)
+def test_state_of_another_dtype_than_the_group_asks_for_is_refused_by_every_path(change):
+    """State of a dtype the kernels could update, but not the one the group's state_dtype asks
+    for: the fast step must not take it where the full path refuses it."""
+    state_dtype, make_change = OTHER_STATE_DTYPES[change]
+    errors = []
+    for backend in ("auto", "reference"):
+        torch.manual_seed(15)
+        p = nn.Parameter(torch.randn(64, 80))
+        opt = FusedRMSprop([p], momentum=0.9, state_dtype=state_dtype, backend=backend)
+        for _ in range(2):  # (the fast step's lists are built, and kept)
+            p.grad = torch.randn_like(p)
+            opt.step()
+        make_change(opt, p)
+        p.grad = torch.randn_like(p)
+        before = p.detach().clone()
+        with pytest.raises(ValueError, match=r"param group 0, param 0: state\['square_avg'\]") as error:
+            opt.step()
+        assert torch.equal(p, before)
+        errors.append(str(error.value))
+    assert errors[0] == errors[1]
+
+
+def optimizer_state_value(state: dict, key: str) -> torch.Tensor:
+    """A state tensor in float32, decoded when it is 8-bit."""
+    from rmsprop_fused import _quantization
+
+    value = state[key]
+    if value.dtype == torch.uint8:
+        return _quantization.dequantize_blockwise(value, state[key + "_scale"], key != "square_avg")
+    return value.float()
 
 
 def test_load_state_dict_hooks_run_where_torch_runs_them():
