@@ -3,10 +3,11 @@
 // torch.ops.rmsprop_fused.rmsprop_ converts each tensor of its lists through the boxed calling
 // convention (about 0.2 us a tensor: 180 us of a GPT-2 step's Python side, for six lists of 148
 // tensors). step_ takes the lists with pybind11's casters (about 0.07 us a tensor) and calls the
-// op through the dispatcher, unboxed: the same kernels, the same dispatch keys (CPU, CUDA,
-// Meta), only a cheaper way in. StepLists keeps a step's params and state lists converted once,
-// for FusedRMSprop's fast step, which then converts only the grads of each step. torch.compile
-// still sees torch.ops (Dynamo cannot trace a pybind11 function).
+// op through the dispatcher, unboxed: the same kernels, the same dispatch keys (Autograd and
+// ADInplaceOrView, then CPU, CUDA or Meta), only a cheaper way in. StepLists keeps a step's
+// params and state lists converted once, for FusedRMSprop's fast step, which then converts only
+// the grads of each step. torch.compile still sees torch.ops (Dynamo cannot trace a pybind11
+// function).
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -126,10 +127,7 @@ bool groups_share_memory(const std::vector<const StepLists*>& groups,
                     " groups but ", grads.size(), " lists of grads");
   Tensors all;
   for (size_t g = 0; g < groups.size(); ++g) groups[g]->append_tensors(grads[g], all);
-  static const auto overlapping_pair = c10::Dispatcher::singleton()
-                                           .findSchemaOrThrow("rmsprop_fused::overlapping_pair", "")
-                                           .typed<std::vector<int64_t>(at::TensorList)>();
-  return !overlapping_pair.call(all).empty();
+  return !rmsprop_fused::overlapping_pair(all).empty();  // (not through the dispatcher: it would box)
 }
 
 }  // namespace

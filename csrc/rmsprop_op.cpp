@@ -3,6 +3,7 @@
 // rmsprop_fused/_extension.py, and a fake (meta) implementation for torch.compile is registered
 // there too. The other ops read only metadata, or serve the tests, on every device. (The Python
 // module itself, rmsprop_fused._C, is csrc/python_entry.cpp.)
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isin.h>
@@ -12,11 +13,13 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "blockwise_quant.h"
 #include "cpu/simd_kernel.h"
 #include "rmsprop_op.h"
+#include "step_args.h"
 
 namespace rmsprop_fused {
 namespace {
@@ -102,7 +105,7 @@ int64_t extent(const at::Tensor& t) {
 at::Tensor element_addresses(const at::Tensor& t) {
   const at::Tensor offsets = at::arange(extent(t), at::TensorOptions().dtype(at::kLong))
                                  .as_strided(t.sizes(), t.strides());
-  return offsets.mul(t.element_size()).add(reinterpret_cast<int64_t>(t.data_ptr()));
+  return offsets.mul(t.element_size()).add(reinterpret_cast<int64_t>(t.const_data_ptr()));
 }
 
 // Whether two tensors share an element, for tensors whose address ranges intersect: decided by
@@ -113,9 +116,8 @@ bool share_an_element(const at::Tensor& a, const at::Tensor& b) {
   return at::isin(element_addresses(a), element_addresses(b)).any().item<bool>();
 }
 
-// The positions, in one flat list, of the first two tensors that share memory; empty when none
-// do. The Python checks run it over everything a step writes (all lists, all groups), before any
-// tensor is copied or written; the op itself runs check_no_overlap on what reaches it.
+}  // namespace
+
 std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   struct Range {
     uintptr_t begin;
@@ -127,7 +129,7 @@ std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (!t.defined() || t.numel() == 0 || t.layout() != c10::kStrided || t.is_meta()) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
     ranges.push_back({begin, begin + static_cast<uintptr_t>(extent(t) * t.element_size()),
                       static_cast<int64_t>(i)});
   }
@@ -149,6 +151,8 @@ std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   }
   return {};
 }
+
+namespace {
 
 // The code maps of 8-bit state (blockwise_quant.h), for the tests and the Python mirror's check.
 at::Tensor code_map(bool is_signed) {
@@ -194,8 +198,66 @@ at::Tensor quantize_code(const at::Tensor& values, bool is_signed) {
   return codes;
 }
 
+// The step's kernels for the Autograd and ADInplaceOrView keys, the two layers torch's own in-place
+// ops pass through. The step is not differentiable (FusedRMSprop(differentiable=True) runs the
+// reference backend), so autograd records nothing, as for torch.optim's steps under no_grad; the
+// ADInplaceOrView layer bumps the version counter of every tensor the step writes, as it does for
+// torch's in-place ops (autograd then refuses a backward through a tensor saved before the step,
+// instead of computing it from the new values; in inference mode it still runs for normal
+// tensors). Both redispatch unboxed: autograd's fallback for custom ops would box every list of
+// every call (docs/DESIGN.md section 2).
+template <bool kBumpsVersions>
+void redispatch_step(c10::DispatchKeySet keys, at::TensorList params, at::TensorList grads,
+                     at::TensorList square_avgs, at::TensorList grad_avgs,
+                     at::TensorList momentum_buffers, at::TensorList state_steps,
+                     at::TensorList square_avg_scales, at::TensorList grad_avg_scales,
+                     at::TensorList momentum_buffer_scales, double lr, double alpha, double eps,
+                     double weight_decay, double momentum, bool centered, bool maximize,
+                     bool eps_in_sqrt, bool lr_in_momentum, bool decoupled_weight_decay,
+                     bool nesterov, bool bias_correction, bool variance_state,
+                     std::optional<int64_t> rounding_seed,
+                     const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf,
+                     const std::optional<at::Tensor>& clip_coef) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("rmsprop_fused::rmsprop_", "")
+                             .typed<OpSignature>();
+  {
+    std::conditional_t<kBumpsVersions, at::AutoDispatchBelowADInplaceOrView,
+                       at::AutoDispatchBelowAutograd>
+        below;
+    op.redispatch(keys & (kBumpsVersions ? c10::after_ADInplaceOrView_keyset
+                                         : c10::after_autograd_keyset),
+                  params, grads, square_avgs, grad_avgs, momentum_buffers, state_steps,
+                  square_avg_scales, grad_avg_scales, momentum_buffer_scales, lr, alpha, eps,
+                  weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
+                  decoupled_weight_decay, nesterov, bias_correction, variance_state, rounding_seed,
+                  lr_tensor, grad_scale, found_inf, clip_coef);
+  }
+  if constexpr (kBumpsVersions) {
+    // (after the step: a refused one throws above, and changes nothing, versions included)
+    for (const at::TensorList list :
+         {params, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales,
+          grad_avg_scales, momentum_buffer_scales,
+          grad_scale.has_value() ? grads : at::TensorList{}}) {
+      for (const at::Tensor& t : list) {
+        if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace rmsprop_fused
+
+TORCH_LIBRARY_IMPL(rmsprop_fused, Autograd, m) {
+  m.impl("rmsprop_", &rmsprop_fused::redispatch_step<false>);
+}
+
+TORCH_LIBRARY_IMPL(rmsprop_fused, ADInplaceOrView, m) {
+  m.impl("rmsprop_", &rmsprop_fused::redispatch_step<true>);
+}
 
 TORCH_LIBRARY(rmsprop_fused, m) {
   // The step (docs/DESIGN.md sections 1 and 2). Every tensor list is mutated: params, state,

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -144,13 +146,10 @@ struct TensorName {
 // p.grad = p, state that is a view of a param, overlapping views): on a GPU two blocks would
 // write the same bytes at once. Every tensor the op writes is dense (checked first), so its bytes
 // are exactly [data_ptr, data_ptr + numel * itemsize), and one sort of those ranges finds any
-// overlap: O(n log n) for n tensors, about 0.2 ms for 10,000 (docs/DESIGN.md section 2).
+// overlap: O(n log n) for n tensors, about 0.2 ms for 10,000 (docs/DESIGN.md section 2). The
+// ranges carry no names, which keeps the sort's elements small (it is a third of a small step's
+// checks); a refusal finds the two tensors again, in list order.
 inline void check_no_overlap(const TensorLists& lists) {
-  struct Range {
-    uintptr_t begin;
-    uintptr_t end;
-    TensorName name;
-  };
   const std::pair<const char*, at::TensorList> named[] = {
       {"params", lists.params},
       {"grads", lists.grads},
@@ -162,29 +161,57 @@ inline void check_no_overlap(const TensorLists& lists) {
       {"grad_avg_scales", lists.grad_avg_scales},
       {"momentum_buffer_scales", lists.momentum_buffer_scales},
   };
+  using Range = std::pair<uintptr_t, uintptr_t>;  // [begin, end) in bytes
+  const auto range = [](const at::Tensor& t) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return Range{begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size())};
+  };
+  size_t count = 0;
+  for (const auto& entry : named) count += entry.second.size();
   std::vector<Range> ranges;
-  for (const auto& [list, tensors] : named) {
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      const at::Tensor& t = tensors[i];
-      if (t.numel() == 0) continue;  // no memory, nothing to race on
-      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-      ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()),
-                        TensorName{list, i}});
+  ranges.reserve(count);
+  for (const auto& entry : named) {
+    for (const at::Tensor& t : entry.second) {
+      if (t.numel() != 0) ranges.push_back(range(t));  // (no memory, nothing to race on)
     }
   }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  std::sort(ranges.begin(), ranges.end());
   // Sorted by start, a range overlaps an earlier one iff it starts before the furthest end so far.
-  size_t furthest = 0;
-  for (size_t k = 1; k < ranges.size(); ++k) {
-    TORCH_CHECK_VALUE(ranges[k].begin >= ranges[furthest].end, "rmsprop_fused: ",
-                ranges[furthest].name.list, "[", ranges[furthest].name.index, "] and ",
-                ranges[k].name.list, "[", ranges[k].name.index,
-                "] share memory; every tensor a step writes must have its own (a tensor listed "
-                "twice, a grad that is its param, a view of another tensor)");
-    if (ranges[k].end > ranges[furthest].end) furthest = k;
+  uintptr_t furthest_end = 0;
+  bool overlap = false;
+  for (size_t k = 0; k < ranges.size() && !overlap; ++k) {
+    overlap = k > 0 && ranges[k].first < furthest_end;
+    furthest_end = std::max(furthest_end, ranges[k].second);
   }
+  if (C10_LIKELY(!overlap)) return;
+  // The first tensor, in list order, that shares memory with an earlier one, and that one: the
+  // earlier ranges, by start, are disjoint (else the search stops sooner), so the one that starts
+  // last before a range's end is the only one to test.
+  std::map<uintptr_t, std::pair<uintptr_t, TensorName>> earlier;  // begin -> (end, name)
+  for (const auto& [list, tensors] : named) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].numel() == 0) continue;
+      const Range r = range(tensors[i]);
+      auto last_before_end = earlier.lower_bound(r.second);
+      if (last_before_end != earlier.begin()) {
+        const auto& [end, name] = std::prev(last_before_end)->second;
+        TORCH_CHECK_VALUE(end <= r.first, "rmsprop_fused: ", name.list, "[", name.index, "] and ",
+                          list, "[", i, "] share memory; every tensor a step writes must have "
+                          "its own (a tensor listed twice, a grad that is its param, a view of "
+                          "another tensor)");
+      }
+      earlier.emplace(r.first, std::make_pair(r.second, TensorName{list, i}));
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "rmsprop_fused: the sort found shared memory, the names did not");
 }
+
+// The positions, in one flat list, of the first two tensors that share memory (an element, for
+// views with gaps); empty when none do. The Python checks run it (the op overlapping_pair) over
+// everything a step writes, all lists and all groups, before any tensor is copied or written; a
+// fast step of several calls runs it directly (csrc/python_entry.cpp). The op itself runs
+// check_no_overlap on what reaches it. (csrc/rmsprop_op.cpp)
+std::vector<int64_t> overlapping_pair(at::TensorList tensors);
 
 // Checks that the lists describe one (device, param dtype, state dtype) group of dense, matching,
 // non-overlapping tensors of supported dtypes on `device_type`, with consistent options.
@@ -282,15 +309,21 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
     if (h.momentum > 0) check_companion(p, l.momentum_buffers[i], state_dtype, "momentum_buffers", i);
     if (quantized) {
       check_scale(l.square_avgs[i], l.square_avg_scales[i], "square_avg_scales", i);
-      if (h.centered) check_scale(l.grad_avgs[i], l.grad_avg_scales[i], "grad_avg_scales", i);
+      check_writable(l.square_avg_scales[i], "square_avg_scales", i);
+      if (h.centered) {
+        check_scale(l.grad_avgs[i], l.grad_avg_scales[i], "grad_avg_scales", i);
+        check_writable(l.grad_avg_scales[i], "grad_avg_scales", i);
+      }
       if (h.momentum > 0) {
         check_scale(l.momentum_buffers[i], l.momentum_buffer_scales[i], "momentum_buffer_scales", i);
+        check_writable(l.momentum_buffer_scales[i], "momentum_buffer_scales", i);
       }
     }
     if (l.counts_steps()) {
       TORCH_CHECK_VALUE(step_matches(p, l.state_steps[i]), "rmsprop_fused: state_steps[", i,
                   "] must be a one-element float32 tensor on ", p.device(), ", got ",
                   l.state_steps[i].defined() ? l.state_steps[i].toString() : std::string("undefined"));
+      check_writable(l.state_steps[i], "state_steps", i);
     }
   }
   check_scalar_tensor(args.lr_tensor, "lr_tensor", first.device());

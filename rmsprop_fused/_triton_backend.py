@@ -927,3 +927,27 @@ def rmsprop_triton(
     device = params[0].device
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         _rmsprop_kernel[launch.grid](*launch.args, **launch.kwargs)
+    # The kernel writes through pointers: bump the version counters, as the C++ op does.
+    written = (params, square_avgs, grad_avgs, momentum_buffers, state_steps, square_avg_scales, grad_avg_scales,
+               momentum_buffer_scales, grads if grad_scale is not None else ())
+    _increment_versions([t for tensors in written for t in tensors])
+
+
+def _increment_versions(tensors: List[Tensor]) -> None:
+    """torch.autograd.graph.increment_version of each tensor, in one call where torch takes a list."""
+    if _INCREMENT_VERSION_TAKES_LISTS:
+        torch.autograd.graph.increment_version(tensors)
+    else:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _increment_version_takes_lists() -> bool:
+    try:
+        torch.autograd.graph.increment_version([torch.empty(0)])
+    except TypeError:  # (an older torch takes one tensor)
+        return False
+    return True
+
+
+_INCREMENT_VERSION_TAKES_LISTS = _increment_version_takes_lists()

@@ -72,8 +72,8 @@ def test_the_op_refuses_shared_memory_itself(alias):
     make, names = ALIASES[alias]
     make(lists)
     before = Snapshot.of_lists(lists)
-    either_order = "|".join(re.escape(a) + " and " + re.escape(b) for a, b in (names, names[::-1]))  # by address
-    with pytest.raises(ValueError, match=f"({either_order}) share memory"):
+    in_list_order = re.escape(names[0]) + " and " + re.escape(names[1])
+    with pytest.raises(ValueError, match=f"{in_list_order} share memory"):
         torch.ops.rmsprop_fused.rmsprop_(
             lists["params"], lists["grads"], lists["square_avgs"], lists["grad_avgs"], lists["momentum_buffers"],
             lists["state_steps"], [], [], [], lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.9,

@@ -661,6 +661,49 @@ def optimizer_state_value(state: dict, key: str) -> torch.Tensor:
     return value.float()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_step_bumps_the_version_of_what_it_writes_so_autograd_refuses_stale_saved_tensors(backend):
+    """As with torch.optim.RMSprop: a backward through a param saved before the step is refused
+    (autograd compares version counters), not computed from the updated values; every state
+    tensor's counter moves too, and a refused step moves none."""
+    torch.manual_seed(16)
+    for make in (lambda ps: torch.optim.RMSprop(ps, momentum=0.9, centered=True),
+                 lambda ps: FusedRMSprop(ps, momentum=0.9, centered=True, backend=backend)):
+        p = nn.Parameter(torch.randn(5))
+        opt = make([p])
+        p.grad = torch.randn(5)
+        opt.step()
+        loss = (p * p).sum()  # (saves p)
+        p.grad = torch.randn(5)
+        before = {key: t._version for key, t in opt.state[p].items()}, p._version, p.grad._version
+        opt.step()
+        assert p._version > before[1] and p.grad._version == before[2]
+        assert all(opt.state[p][key]._version > version for key, version in before[0].items())
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+    p.grad = torch.randn(5)
+    p.grad.data = torch.randn(6)  # (.data is not checked by the .grad setter)
+    versions = [t._version for t in (p, *opt.state[p].values())]
+    with pytest.raises(ValueError):
+        opt.step()
+    assert [t._version for t in (p, *opt.state[p].values())] == versions
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grads_versions_move_only_when_the_step_writes_them_back(backend):
+    """The grads are written (unscaled in place) only with a grad_scale; without one, a grad's
+    version counter stays where it was."""
+    from rmsprop_fused.functional import rmsprop
+
+    torch.manual_seed(17)
+    for grad_scale in (None, torch.tensor(4.0)):
+        p, g, v = torch.randn(5), torch.randn(5), torch.rand(5)
+        version = g._version
+        rmsprop([p], [g], [v], lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                grad_scale=grad_scale, backend=backend)
+        assert (g._version > version) == (grad_scale is not None)
+
+
 def test_load_state_dict_hooks_run_where_torch_runs_them():
     """A pre-hook's returned state_dict is what is checked and loaded (so a hook may repair a
     checkpoint: here it drops a key RMSprop does not have), and what a post-hook puts in the state

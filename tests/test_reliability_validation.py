@@ -26,7 +26,7 @@ from torch import nn
 import rmsprop_fused
 from rmsprop_fused import BackendUnavailableError, FusedRMSprop, InvalidInputError, SparseGradientError
 from rmsprop_fused.functional import rmsprop
-from common import make_lists
+from common import available, make_lists
 from reliability_common import BACKEND_DEVICES, GPU, Snapshot, bits, require
 
 SHAPE = (4, 6)
@@ -229,6 +229,43 @@ def test_functional_refuses_inference_tensors_and_changes_nothing(backend, devic
     with pytest.raises(InvalidInputError, match=re.escape(f"params[{BAD}]") + ".*inference"):
         call(lists, backend)
     before.assert_unchanged(Snapshot.of_lists(lists))
+
+
+@pytest.mark.skipif(not available("cpu"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("list_name", ["state_steps", "square_avg_scales", "momentum_buffer_scales"])
+def test_the_op_refuses_inference_counters_and_scales_before_writing(list_name):
+    """torch.ops.rmsprop_fused.rmsprop_ is an entry of its own: it writes the step counters and
+    the scales too, so it refuses them as inference tensors outside inference mode, before
+    anything is written (or any version counter moved)."""
+    lists = make_lists([4096, 300], torch.float32, momentum=0.9, state_dtype=torch.uint8, steps=True, seed=5)
+    with torch.inference_mode():
+        lists[list_name][1] = lists[list_name][1].clone()
+    before = Snapshot.of_lists(lists)
+    versions = [t._version for tensors in lists.values() for t in tensors if not t.is_inference()]
+    with pytest.raises(ValueError, match=re.escape(f"{list_name}[1] is an inference tensor")):
+        torch.ops.rmsprop_fused.rmsprop_(
+            lists["params"], lists["grads"], lists["square_avgs"], [], lists["momentum_buffers"], lists["state_steps"],
+            lists["square_avg_scales"], [], lists["momentum_buffer_scales"], lr=1e-2, alpha=0.99, eps=1e-8,
+            weight_decay=0.0, momentum=0.9, centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
+            decoupled_weight_decay=False, nesterov=False, bias_correction=False, variance_state=False,
+        )
+    before.assert_unchanged(Snapshot.of_lists(lists))
+    assert versions == [t._version for tensors in lists.values() for t in tensors if not t.is_inference()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_step_in_inference_mode_bumps_normal_tensors_versions(backend):
+    """Inside inference mode torch's in-place ops still bump a normal tensor's version counter
+    (the ADInplaceOrView layer runs for it): so does the step, on every backend."""
+    if not available(backend):
+        pytest.skip(f"the {backend} backend is not available here")
+    lists = make_lists([5, 300], torch.float32, momentum=0.9, steps=True, seed=6)
+    versions = [t._version for t in lists["params"] + lists["square_avgs"] + lists["state_steps"]]
+    with torch.inference_mode():
+        rmsprop(lists["params"], lists["grads"], lists["square_avgs"], [], lists["momentum_buffers"],
+                state_steps=lists["state_steps"], momentum=0.9, backend=backend)
+    after = [t._version for t in lists["params"] + lists["square_avgs"] + lists["state_steps"]]
+    assert all(a > b for a, b in zip(after, versions))
 
 
 # The fast check. A step reads each param's metadata in one C++ pass (first_irregular) and runs
