@@ -775,12 +775,24 @@ class _LaunchPlan:
         blocks = torch.stack([rows, starts, fast.to(torch.int64)], dim=1)
 
         metadata = torch.cat([table.flatten(), blocks.flatten(), torch.zeros(n, dtype=torch.int64)]).to(device)
+        self.metadata = metadata
+        # The stream the caching allocator gave the metadata to (record_use)
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.table = metadata[: table.numel()]
         self.blocks = metadata[table.numel(): table.numel() + blocks.numel()]
         self.done = metadata[table.numel() + blocks.numel():]
         # A float32 tensor on the device for the pointer arguments the variant does not read.
         self.unused = metadata.view(torch.float32)
         self.n_blocks = rows.numel()
+
+    def record_use(self) -> None:
+        """Marks the metadata as read by the current stream's next work: on a stream other than
+        the one it was allocated on, the allocator must not reuse its memory, once the cache lets
+        the plan go, before that stream is done with it (Tensor.record_stream)."""
+        if self.stream is not None:
+            stream = torch.cuda.current_stream(self.metadata.device)
+            if stream != self.stream:
+                self.metadata.record_stream(stream)
 
 
 def _launch_plan(lists: dict, device: torch.device) -> _LaunchPlan:
@@ -813,7 +825,9 @@ def _launch_plan(lists: dict, device: torch.device) -> _LaunchPlan:
     else:
         _plan_cache.move_to_end(key)
     if capturing:
-        _captured_plans[key] = plan
+        _captured_plans[key] = plan  # (kept for good: no stream needs recording)
+    else:
+        plan.record_use()
     return plan
 
 

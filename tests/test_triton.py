@@ -670,6 +670,42 @@ def test_gpu_misaligned_views_match(pair):
     compare_with_reference_and_cpu_kernel(lists_for(pair, sizes, options, seed=fresh_seed(), offset=1), **options)
 
 
+def _plan_memory_comes_back_while_another_stream_reads_it() -> bool:
+    """Builds a plan on the current stream, launches it on a busy side stream, lets the cache go
+    of it, and allocates its size again on the current stream: whether that got the plan's memory
+    while the side stream's launch may still read it. (300 tensors: a metadata size no other
+    free block of the pool is likely to have.)"""
+    options = dict(momentum=0.9)
+    lists = lists_for((torch.float32, torch.float32), [1] * 300 + [BLOCK + 3], options, seed=fresh_seed())
+    step(lists, "triton", **options)  # the plan, built on the current stream
+    (plan,) = triton_backend._plan_cache.values()
+    address, size = plan.metadata.data_ptr(), plan.metadata.numel()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(500_000_000)  # (keeps the side stream busy past what follows)
+        step(lists, "triton", **options)
+    triton_backend._plan_cache.clear()
+    del plan
+    same_size = torch.empty(size, dtype=torch.int64, device="cuda")
+    reused = same_size.data_ptr() == address
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    return reused
+
+
+@pytest.mark.cuda
+@requires_gpu
+def test_gpu_a_plan_used_on_another_stream_is_not_reused_while_that_stream_may_read_it(monkeypatch):
+    """Once the cache lets a plan go, the caching allocator must not hand its memory out again
+    while another stream's launch may still read it. The control, without record_use, shows the
+    hazard the test would miss otherwise: a freed block goes back to its own stream's pool at once."""
+    monkeypatch.setattr(triton_backend, "_plan_cache", triton_backend.collections.OrderedDict())
+    assert not _plan_memory_comes_back_while_another_stream_reads_it()
+    monkeypatch.setattr(triton_backend._LaunchPlan, "record_use", lambda plan: None)
+    assert _plan_memory_comes_back_while_another_stream_reads_it()
+
+
 @pytest.mark.cuda
 @requires_gpu
 def test_gpu_captured_in_a_cuda_graph_with_device_scalars_and_counters():
