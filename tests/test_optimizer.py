@@ -481,15 +481,10 @@ def _two_groups(backend, dtype=torch.float32, **options):
     return params, FusedRMSprop(groups, backend=backend, momentum=0.9, **options)
 
 
-@pytest.mark.parametrize("dtype, options", [
-    (torch.float32, {}), (torch.float32, {"max_grad_norm": 1.0}),
-    (torch.bfloat16, {"stochastic_rounding": True, "rounding_seed": 7}),
-], ids=["fp32", "fp32-clip", "bf16-stochastic"])
-def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype, options, monkeypatch):
-    """The fast step of several param groups (one op call each, every one checked before any
-    writes) against the reference backend's full path: per-group options, clipping across groups,
-    each group's own rounding stream; and only the first step (which creates the state) takes the
-    full path."""
+def _fast_and_reference_runs(make, dtype, monkeypatch, steps=4):
+    """The same steps, with the same fresh grads, by `make("auto")` (the fast step) and
+    `make("reference")` (the full path): [(params, optimizer)] of each. Asserts that only the fast
+    run's first step, which creates the state, took the full path."""
     if _extension.load_error is not None:
         pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
     from rmsprop_fused import optimizer
@@ -499,18 +494,32 @@ def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype
                         lambda *args, apply=optimizer.apply_checked, **kwargs: full_path.append(1) or apply(*args, **kwargs))
     runs, seed = [], fresh_seed()
     for backend in ("auto", "reference"):
-        params, opt = _two_groups(backend, dtype, **options)
+        params, opt = make(backend)
         grads = torch.Generator().manual_seed(seed)
-        for step in range(4):
+        for step in range(steps):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=grads).to(dtype) * 3
             opt.step()
             if step == 0:
-                full_path.clear()  # the first step creates the state on the full path
-        if backend == "auto":  # one converted list per group, kept between steps, and no full path
-            assert full_path == [] and set(opt._fast_cache) == {0, 1}
-        runs.append(params)
-    for fast, reference in zip(*runs):
+                full_path.clear()
+        assert bool(full_path) == (backend == "reference")  # (the reference's spy is a control)
+        runs.append((params, opt))
+    return runs
+
+
+@pytest.mark.parametrize("dtype, options", [
+    (torch.float32, {}), (torch.float32, {"max_grad_norm": 1.0}),
+    (torch.bfloat16, {"stochastic_rounding": True, "rounding_seed": 7}),
+], ids=["fp32", "fp32-clip", "bf16-stochastic"])
+def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype, options, monkeypatch):
+    """The fast step of several param groups (one op call each, every one checked before any
+    writes) against the reference backend's full path: per-group options, clipping across groups,
+    each group's own rounding stream; and only the first step (which creates the state) takes the
+    full path."""
+    (params, opt), (ref_params, _) = _fast_and_reference_runs(lambda backend: _two_groups(backend, dtype, **options),
+                                                              dtype, monkeypatch)
+    assert set(opt._fast_cache) == {0, 1}  # one converted list per group, kept between steps
+    for fast, reference in zip(params, ref_params):
         assert torch.equal(fast, reference)
 
 
@@ -556,29 +565,12 @@ def test_eight_bit_groups_take_the_fast_step_and_compute_the_references_bits(dty
     path splits it (so that each tensor keeps its index in its call, and its rounding stream):
     against the reference backend's full path, params and state bit for bit; only the first step
     (which creates the state) takes the full path."""
-    if _extension.load_error is not None:
-        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
-    from rmsprop_fused import optimizer
     from common import assert_same_bits
 
-    full_path = []  # (every step of the full path ends in apply_checked)
-    monkeypatch.setattr(optimizer, "apply_checked",
-                        lambda *args, apply=optimizer.apply_checked, **kwargs: full_path.append(1) or apply(*args, **kwargs))
-    runs, seed = [], fresh_seed()
-    for backend in ("auto", "reference"):
-        params, opt = _eight_bit_groups(backend, dtype, **options)
-        grads = torch.Generator().manual_seed(seed)
-        for step in range(4):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=grads).to(dtype) * 3
-            opt.step()
-            if step == 0:
-                full_path.clear()  # the first step creates the state on the full path
-        if backend == "auto":
-            assert full_path == []
-            assert [[t.numel() for t in part.params] for part in opt._fast_cache[0].parts] == [[5120, 4100], [7, 12]]
-            assert [part.state_dtype for part in opt._fast_cache[0].parts] == [torch.uint8, torch.float32]
-        runs.append((params, opt))
+    runs = _fast_and_reference_runs(lambda backend: _eight_bit_groups(backend, dtype, **options), dtype, monkeypatch)
+    parts = runs[0][1]._fast_cache[0].parts
+    assert [[t.numel() for t in part.params] for part in parts] == [[5120, 4100], [7, 12]]
+    assert [part.state_dtype for part in parts] == [torch.uint8, torch.float32]
     (params, opt), (ref_params, ref_opt) = runs
     codes = [v for k, v in opt.state[params[0]].items() if k != "step" and not k.endswith("_scale")]
     assert codes and all(v.dtype == torch.uint8 for v in codes)  # (8-bit state it is)
