@@ -13,6 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/prefetch.h"
@@ -45,8 +47,8 @@ void step_(const Tensors& params, const Tensors& grads, const Tensors& square_av
 
 // The lists of a step that do not change from one step to the next (the params, their state and
 // its 8-bit scales), held converted; step() adds the grads and the scalars and calls the op, which
-// checks everything, these tensors included, as on any call. check() runs the op's checks alone (a
-// step of several calls checks every call before it writes any). Both first check that each
+// checks everything, these tensors included, as on any call. call<true> runs the checks alone
+// (step_all checks every call before it writes any). Both first check that each
 // param's state has the dtype its group asks for (expected_state_dtype, as first_irregular): the
 // op takes any state dtype its kernels update, and a param's dtype may change under the lists
 // (module.to() swaps .data).
@@ -67,7 +69,8 @@ class StepLists {
         requested_state_dtype_(requested_state_dtype),
         min_quantized_numel_(min_quantized_numel) {}
 
-  // step() and check(), one signature: the grads, then every scalar of the schema in its order.
+  // step() (kCheckOnly false) and its checks alone: the grads, then every scalar of the schema in
+  // its order.
   template <bool kCheckOnly>
   void call(const Tensors& grads, double lr, double alpha, double eps, double weight_decay,
             double momentum, bool centered, bool maximize, bool eps_in_sqrt, bool lr_in_momentum,
@@ -103,12 +106,12 @@ class StepLists {
     }
   }
 
-  // The held tensors, then `grads`, appended to `out`.
-  void append_tensors(const Tensors& grads, Tensors& out) const {
+  // The byte ranges of the held tensors and of `grads` (all dense once call<true> passed).
+  void append_byte_ranges(const Tensors& grads, std::vector<rmsprop_fused::ByteRange>& out) const {
     for (const Tensors* list : {&params_, &grads, &square_avgs_, &grad_avgs_, &momentum_buffers_,
                                 &state_steps_, &square_avg_scales_, &grad_avg_scales_,
                                 &momentum_buffer_scales_}) {
-      out.insert(out.end(), list->begin(), list->end());
+      rmsprop_fused::append_byte_ranges(*list, out);
     }
   }
 
@@ -119,15 +122,34 @@ class StepLists {
   int64_t min_quantized_numel_;
 };
 
-// Whether any two tensors of these groups' steps (each group's lists and grads) share memory: the
-// op checks the tensors of one call, a step of several groups all of them.
-bool groups_share_memory(const std::vector<const StepLists*>& groups,
-                         const std::vector<Tensors>& grads) {
-  TORCH_CHECK_VALUE(groups.size() == grads.size(), "rmsprop_fused: ", groups.size(),
-                    " groups but ", grads.size(), " lists of grads");
-  Tensors all;
-  for (size_t g = 0; g < groups.size(); ++g) groups[g]->append_tensors(grads[g], all);
-  return !rmsprop_fused::overlapping_pair(all).empty();  // (not through the dispatcher: it would box)
+// The scalars of one call, as StepLists.call takes them after the grads.
+using CallScalars =
+    std::tuple<double, double, double, double, double, bool, bool, bool, bool, bool, bool, bool,
+               bool, std::optional<int64_t>, std::optional<at::Tensor>, std::optional<at::Tensor>,
+               std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+// A step of several calls (param groups, an 8-bit group's parts), atomic as one call is: every
+// call is checked (StepLists::call<true>), then all the calls' tensors for shared memory (the op
+// checks one call's), and only then does any call run. A refusal is a ValueError, before any
+// write; the grads are converted once.
+void step_all(const std::vector<const StepLists*>& calls, const std::vector<Tensors>& grads,
+              const std::vector<CallScalars>& scalars) {
+  TORCH_CHECK_VALUE(calls.size() == grads.size() && calls.size() == scalars.size(),
+                    "rmsprop_fused: ", calls.size(), " calls but ", grads.size(),
+                    " lists of grads and ", scalars.size(), " of scalars");
+  const auto run = [&](auto check_only) {
+    for (size_t c = 0; c < calls.size(); ++c) {
+      std::apply([&](const auto&... args) {
+        calls[c]->template call<decltype(check_only)::value>(grads[c], args...);
+      }, scalars[c]);
+    }
+  };
+  run(std::true_type{});
+  std::vector<rmsprop_fused::ByteRange> ranges;
+  for (size_t c = 0; c < calls.size(); ++c) calls[c]->append_byte_ranges(grads[c], ranges);
+  TORCH_CHECK_VALUE(!rmsprop_fused::byte_ranges_overlap(ranges),
+                    "rmsprop_fused: two tensors of these calls share memory");
+  run(std::false_type{});
 }
 
 }  // namespace
@@ -162,11 +184,10 @@ PYBIND11_MODULE(_C, m) {
                           std::optional<at::ScalarType>, int64_t>())
       .def("step", &StepLists::call<false>, "step_ with these lists and the given grads "
            "(positional: the grads, then every scalar of the schema in its order)",
-           pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("check", &StepLists::call<true>, "step()'s checks alone: raises what step() would "
-           "refuse with, and writes nothing");
-  m.def("groups_share_memory", &groups_share_memory,
-        "Whether two tensors of these StepLists' steps, with their grads, share memory",
-        pybind11::arg("groups"), pybind11::arg("grads"),
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("step_all", &step_all,
+        "Several StepLists' steps, all checked (each call's checks, then shared memory across "
+        "them) before any runs: the calls, their grads, and each call's scalars after the grads",
+        pybind11::arg("calls"), pybind11::arg("grads"), pybind11::arg("scalars"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -116,8 +116,9 @@ bool share_an_element(const at::Tensor& a, const at::Tensor& b) {
   return at::isin(element_addresses(a), element_addresses(b)).any().item<bool>();
 }
 
-}  // namespace
-
+// The positions, in one flat list, of the first two tensors that share memory; empty when none
+// do. The Python checks run it over everything a step writes (all lists, all groups), before any
+// tensor is copied or written; the op itself runs check_no_overlap on what reaches it.
 std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   struct Range {
     uintptr_t begin;
@@ -151,8 +152,6 @@ std::vector<int64_t> overlapping_pair(at::TensorList tensors) {
   }
   return {};
 }
-
-namespace {
 
 // The code maps of 8-bit state (blockwise_quant.h), for the tests and the Python mirror's check.
 at::Tensor code_map(bool is_signed) {

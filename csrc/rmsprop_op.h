@@ -142,6 +142,34 @@ struct TensorName {
   size_t index;
 };
 
+// The bytes a dense tensor occupies, [begin, end).
+using ByteRange = std::pair<uintptr_t, uintptr_t>;
+
+inline ByteRange byte_range(const at::Tensor& t) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size())};
+}
+
+// The byte ranges of these dense tensors, appended to `ranges` (none for an empty tensor: no
+// memory, nothing to race on).
+inline void append_byte_ranges(at::TensorList tensors, std::vector<ByteRange>& ranges) {
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() != 0) ranges.push_back(byte_range(t));
+  }
+}
+
+// Whether any two of these ranges intersect (sorts them): sorted by start, a range overlaps an
+// earlier one iff it starts before the furthest end so far.
+inline bool byte_ranges_overlap(std::vector<ByteRange>& ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  uintptr_t furthest_end = 0;
+  for (size_t k = 0; k < ranges.size(); ++k) {
+    if (k > 0 && ranges[k].first < furthest_end) return true;
+    furthest_end = std::max(furthest_end, ranges[k].second);
+  }
+  return false;
+}
+
 // Refuses any two of the call's mutable tensors that share memory (a tensor listed twice,
 // p.grad = p, state that is a view of a param, overlapping views): on a GPU two blocks would
 // write the same bytes at once. Every tensor the op writes is dense (checked first), so its bytes
@@ -161,29 +189,12 @@ inline void check_no_overlap(const TensorLists& lists) {
       {"grad_avg_scales", lists.grad_avg_scales},
       {"momentum_buffer_scales", lists.momentum_buffer_scales},
   };
-  using Range = std::pair<uintptr_t, uintptr_t>;  // [begin, end) in bytes
-  const auto range = [](const at::Tensor& t) {
-    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-    return Range{begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size())};
-  };
   size_t count = 0;
   for (const auto& entry : named) count += entry.second.size();
-  std::vector<Range> ranges;
+  std::vector<ByteRange> ranges;
   ranges.reserve(count);
-  for (const auto& entry : named) {
-    for (const at::Tensor& t : entry.second) {
-      if (t.numel() != 0) ranges.push_back(range(t));  // (no memory, nothing to race on)
-    }
-  }
-  std::sort(ranges.begin(), ranges.end());
-  // Sorted by start, a range overlaps an earlier one iff it starts before the furthest end so far.
-  uintptr_t furthest_end = 0;
-  bool overlap = false;
-  for (size_t k = 0; k < ranges.size() && !overlap; ++k) {
-    overlap = k > 0 && ranges[k].first < furthest_end;
-    furthest_end = std::max(furthest_end, ranges[k].second);
-  }
-  if (C10_LIKELY(!overlap)) return;
+  for (const auto& entry : named) append_byte_ranges(entry.second, ranges);
+  if (C10_LIKELY(!byte_ranges_overlap(ranges))) return;
   // The first tensor, in list order, that shares memory with an earlier one, and that one: the
   // earlier ranges, by start, are disjoint (else the search stops sooner), so the one that starts
   // last before a range's end is the only one to test.
@@ -191,7 +202,7 @@ inline void check_no_overlap(const TensorLists& lists) {
   for (const auto& [list, tensors] : named) {
     for (size_t i = 0; i < tensors.size(); ++i) {
       if (tensors[i].numel() == 0) continue;
-      const Range r = range(tensors[i]);
+      const ByteRange r = byte_range(tensors[i]);
       auto last_before_end = earlier.lower_bound(r.second);
       if (last_before_end != earlier.begin()) {
         const auto& [end, name] = std::prev(last_before_end)->second;
@@ -205,13 +216,6 @@ inline void check_no_overlap(const TensorLists& lists) {
   }
   TORCH_INTERNAL_ASSERT(false, "rmsprop_fused: the sort found shared memory, the names did not");
 }
-
-// The positions, in one flat list, of the first two tensors that share memory (an element, for
-// views with gaps); empty when none do. The Python checks run it (the op overlapping_pair) over
-// everything a step writes, all lists and all groups, before any tensor is copied or written; a
-// fast step of several calls runs it directly (csrc/python_entry.cpp). The op itself runs
-// check_no_overlap on what reaches it. (csrc/rmsprop_op.cpp)
-std::vector<int64_t> overlapping_pair(at::TensorList tensors);
 
 // Checks that the lists describe one (device, param dtype, state dtype) group of dense, matching,
 // non-overlapping tensors of supported dtypes on `device_type`, with consistent options.

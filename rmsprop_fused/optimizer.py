@@ -182,10 +182,9 @@ class _FastCall(NamedTuple):
     scalars: tuple
     device: torch.device
 
-    def arguments(self, grad_scale, found_inf, clip_coef) -> tuple:
-        """StepLists.step's (and check's) positional arguments."""
-        return (self.grads, *self.scalars, _on(grad_scale, self.device), _on(found_inf, self.device),
-                _on(clip_coef, self.device))
+    def scalars_after_grads(self, grad_scale, found_inf, clip_coef) -> tuple:
+        """StepLists.step's positional arguments after the grads (step_all's scalars of a call)."""
+        return (*self.scalars, _on(grad_scale, self.device), _on(found_inf, self.device), _on(clip_coef, self.device))
 
 
 class _Gathered(NamedTuple):
@@ -570,9 +569,9 @@ class FusedRMSprop(Optimizer):
         grads and state, in the dtypes their state_dtype asks for, and a compiled backend. The
         op checks everything itself before it writes (a refusal is a ValueError,
         and changes nothing), and one call is atomic, so when it refuses, the full path runs and
-        words the error, or takes what the op cannot (a view with gaps). With several calls,
-        every call is checked first (StepLists.check: the op's own checks) and all the
-        calls' tensors for shared memory, so that a refusal still comes before any write. False
+        words the error, or takes what the op cannot (a view with gaps). Several calls go to
+        step_all, which checks every call (the op's own checks) and all their tensors for shared
+        memory before any writes, so that a refusal still comes before any write. False
         when this step is not such a step, or was refused. What it reads per param is a grad and
         the state tensors (from the params' state dicts, found again only when the optimizer's
         state or a group's params changed): about 0.1 us each."""
@@ -586,22 +585,16 @@ class FusedRMSprop(Optimizer):
             grads += found[0]
             calls += found[1]
         clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
-        arguments = [call.arguments(grad_scale, found_inf, clip_coef) for call in calls]
+        scalars = [call.scalars_after_grads(grad_scale, found_inf, clip_coef) for call in calls]
         try:
-            if len(calls) > 1:
-                for call, args in zip(calls, arguments):
-                    call.handle.check(*args)
-                if _extension._module.groups_share_memory([call.handle for call in calls], [call.grads for call in calls]):
-                    return False  # the full path names the two tensors
-            else:
-                calls[0].handle.step(*arguments[0])
-                return True
+            if len(calls) == 1:
+                calls[0].handle.step(calls[0].grads, *scalars[0])
+            else:  # every call checked, and their tensors for shared memory, before any writes
+                _extension._module.step_all([call.handle for call in calls], [call.grads for call in calls], scalars)
         except (ValueError, NotImplementedError):
-            # refused before any write (by the op's checks, or by the dispatcher: no kernel for a
+            # refused before any write (by the checks, or by the dispatcher: no kernel for a
             # sparse grad's backend): the full path words it, or copes
             return False
-        for call, args in zip(calls, arguments):  # all checked: none refuses now
-            call.handle.step(*args)
         return True
 
     def _fast_calls(self, index: int, group: dict) -> Optional[tuple]:
