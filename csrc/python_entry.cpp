@@ -100,9 +100,10 @@ class StepLists {
           args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
     } else {
       step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_,
-            square_avg_scales_, grad_avg_scales_, momentum_buffer_scales_, lr, alpha, eps, weight_decay, momentum, centered, maximize, eps_in_sqrt,
-            lr_in_momentum, decoupled_weight_decay, nesterov, bias_correction, variance_state,
-            rounding_seed, lr_tensor, grad_scale, found_inf, clip_coef);
+            square_avg_scales_, grad_avg_scales_, momentum_buffer_scales_, lr, alpha, eps,
+            weight_decay, momentum, centered, maximize, eps_in_sqrt, lr_in_momentum,
+            decoupled_weight_decay, nesterov, bias_correction, variance_state, rounding_seed,
+            lr_tensor, grad_scale, found_inf, clip_coef);
     }
   }
 
@@ -137,6 +138,9 @@ void step_all(const std::vector<const StepLists*>& calls, const std::vector<Tens
   TORCH_CHECK_VALUE(calls.size() == grads.size() && calls.size() == scalars.size(),
                     "rmsprop_fused: ", calls.size(), " calls but ", grads.size(),
                     " lists of grads and ", scalars.size(), " of scalars");
+  for (const StepLists* call : calls) {
+    TORCH_CHECK_VALUE(call != nullptr, "rmsprop_fused: a call is None");
+  }
   const auto run = [&](auto check_only) {
     for (size_t c = 0; c < calls.size(); ++c) {
       std::apply([&](const auto&... args) {

@@ -72,7 +72,7 @@ def _load() -> None:
         return
     missing = [f"no op rmsprop_fused::{op}" for op in ("rmsprop_", "first_irregular", "overlapping_pair")
                if not hasattr(torch.ops.rmsprop_fused, op)]
-    functions = ("step_", "StepLists", "total_norm", "cpu_simd_isa", "cpu_prefetch_bytes")
+    functions = ("step_", "StepLists", "step_all", "total_norm", "cpu_simd_isa", "cpu_prefetch_bytes")
     missing += [f"no function rmsprop_fused._C.{name}" for name in functions if not hasattr(_module, name)]
     if missing:
         load_error = f"the C++ extension loaded but has {missing[0]}: {_REBUILD}"

@@ -152,9 +152,10 @@ def _plain_state(items: dict) -> collections.defaultdict:
 
 class _FastPart(NamedTuple):
     """One call of a group's fast step: its params (in the group's order), their state dtype, and
-    the converted lists (rmsprop_fused._C.StepLists). A group is one part, or two in an 8-bit group
-    that has tensors under MIN_QUANTIZED_NUMEL, which keep float32 state: the full path's split
-    (functional._groups), so that each tensor has the same index in its call, and rounds alike."""
+    the converted lists (rmsprop_fused._C.StepLists). A group has a part per (device, param dtype,
+    state dtype), as the full path splits it (functional._groups), so that each tensor has the
+    same index in its call, and rounds alike: usually one, two in an 8-bit group with tensors
+    under MIN_QUANTIZED_NUMEL, which keep float32 state."""
 
     params: list
     state_dtype: torch.dtype
@@ -185,6 +186,13 @@ class _FastCall(NamedTuple):
     def scalars_after_grads(self, grad_scale, found_inf, clip_coef) -> tuple:
         """StepLists.step's positional arguments after the grads (step_all's scalars of a call)."""
         return (*self.scalars, _on(grad_scale, self.device), _on(found_inf, self.device), _on(clip_coef, self.device))
+
+
+class _Clip(NamedTuple):
+    """A step's clipping: the total norm of its grads and the coefficient they are scaled by."""
+
+    norm: Tensor
+    coefficient: Tensor
 
 
 class _Gathered(NamedTuple):
@@ -539,7 +547,10 @@ class FusedRMSprop(Optimizer):
             _check_backend_runs(group, group_index, members.lists.params)
         lists, where = _across_groups(self.param_groups, gathered)
         check_no_overlap(lists, where=where)
-        clip_coef = self._clip_coefficient([g for members in gathered for g in members.lists.grads], grad_scale, found_inf)
+        clip = self._clip([g for members in gathered for g in members.lists.grads], grad_scale)
+        if clip is not None and self._refuses_norm(clip.norm, found_inf):
+            raise RuntimeError(clipping.NONFINITE_NORM_MESSAGE.format(norm_type=self.norm_type))
+        clip_coef = None if clip is None else clip.coefficient
         for index, (group, members) in enumerate(zip(self.param_groups, gathered)):
             if members.lacks_state():
                 for p in members.lists.params:
@@ -562,6 +573,8 @@ class FusedRMSprop(Optimizer):
                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
                 differentiable=group["differentiable"], backend=group["backend"], overlap_checked=True,
             )
+        if clip is not None:
+            self.grad_norm = clip.norm
 
     def _fast_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
         """The common step in one call of the op per param group (two for an 8-bit group with
@@ -574,7 +587,7 @@ class FusedRMSprop(Optimizer):
         memory before any writes, so that a refusal still comes before any write. False
         when this step is not such a step, or was refused. What it reads per param is a grad and
         the state tensors (from the params' state dicts, found again only when the optimizer's
-        state or a group's params changed): about 0.1 us each."""
+        state, a group's params or its state_dtype changed): about 0.1 us each."""
         if _extension.load_error is not None or torch.compiler.is_compiling():
             return False  # (no extension: the full path takes the reference, or names why not)
         calls, grads = [], []  # (the grads in the groups' order: the norm's sum runs in the full path's)
@@ -584,7 +597,10 @@ class FusedRMSprop(Optimizer):
                 return False
             grads += found[0]
             calls += found[1]
-        clip_coef = self._clip_coefficient(grads, grad_scale, found_inf)
+        clip = self._clip(grads, grad_scale)
+        if clip is not None and self._refuses_norm(clip.norm, found_inf):
+            return False  # (the full path checks the step first, as torch would, then refuses the norm)
+        clip_coef = None if clip is None else clip.coefficient
         scalars = [call.scalars_after_grads(grad_scale, found_inf, clip_coef) for call in calls]
         try:
             if len(calls) == 1:
@@ -595,6 +611,8 @@ class FusedRMSprop(Optimizer):
             # refused before any write (by the checks, or by the dispatcher: no kernel for a
             # sparse grad's backend): the full path words it, or copes
             return False
+        if clip is not None:
+            self.grad_norm = clip.norm
         return True
 
     def _fast_calls(self, index: int, group: dict) -> Optional[tuple]:
@@ -606,7 +624,10 @@ class FusedRMSprop(Optimizer):
         grads = [p.grad for p in params]
         if any(g is None for g in grads):  # a param without a grad this step: the full path
             return None  # (not `None in grads`: that compares tensors with ==, 40 us each)
-        self._check_group(group)
+        try:
+            self._check_group(group)
+        except (ValueError, TypeError):
+            return None  # the full path refuses it, in its own order
         lists = self._fast_lists(index, group, grads)
         if lists is None:
             return None
@@ -666,9 +687,11 @@ class FusedRMSprop(Optimizer):
             return None  # the full path checks it, and takes it or words why not
         parts = []
         requested, min_quantized_numel = expected_state_dtype_arguments(state_dtype)
-        for part_dtype in dict.fromkeys(t.dtype for t in lists.square_avgs):
-            members = [k for k, t in enumerate(lists.square_avgs) if t.dtype == part_dtype]
+        kinds = [(p.device, p.dtype, t.dtype) for p, t in zip(params, lists.square_avgs)]
+        for kind in dict.fromkeys(kinds):
+            members = [k for k, other in enumerate(kinds) if other == kind]
             part = Lists(*([tensors[k] for k in members] if tensors else [] for tensors in lists))
+            part_dtype = kind[2]
             if part_dtype != torch.uint8:  # (scales belong to 8-bit state only)
                 part = part._replace(square_avg_scales=[], grad_avg_scales=[], momentum_buffer_scales=[])
             handle = _extension.step_lists(part.params, *part[2:], requested_state_dtype=requested,
@@ -677,18 +700,19 @@ class FusedRMSprop(Optimizer):
         self._fast_cache[index] = _FastLists(list(params), state_dtype, version, dict(keys), tuple(parts))
         return self._fast_cache[index]
 
-    def _clip_coefficient(self, grads: List[Tensor], grad_scale, found_inf) -> Optional[Tensor]:
-        """The clip coefficient of these grads (all of the step's), or None without clipping;
-        keeps the pre-clip norm in grad_norm. Raises for a non-finite norm with
-        error_if_nonfinite (before anything changes)."""
+    def _clip(self, grads: List[Tensor], grad_scale) -> Optional["_Clip"]:
+        """The total (pre-clip) norm of these grads, all of the step's, and their clip
+        coefficient; None without clipping. The step keeps the norm in grad_norm once it is done."""
         if self.max_grad_norm is None or not grads:
             return None
         total = clipping.grad_norm(grads, self.norm_type, grad_scale)
-        if self.error_if_nonfinite and not bool(torch.isfinite(total)):
-            if found_inf is None or not bool(found_inf != 0):  # GradScaler skips the step anyway
-                raise RuntimeError(clipping.NONFINITE_NORM_MESSAGE.format(norm_type=self.norm_type))
-        self.grad_norm = total
-        return clipping.clip_coefficient(total, self.max_grad_norm)
+        return _Clip(total, clipping.clip_coefficient(total, self.max_grad_norm))
+
+    def _refuses_norm(self, norm: Tensor, found_inf) -> bool:
+        """Whether error_if_nonfinite refuses the step for this norm (a host sync; not when AMP's
+        found_inf skips the step anyway)."""
+        return (self.error_if_nonfinite and not bool(torch.isfinite(norm))
+                and (found_inf is None or not bool(found_inf != 0)))
 
     # ------------------------------------------------------------------ state_dict
 

@@ -523,27 +523,34 @@ def test_several_groups_take_the_fast_step_and_compute_the_references_bits(dtype
         assert torch.equal(fast, reference)
 
 
-@pytest.mark.parametrize("defect", ["a bad grad in the last group", "a grad shared across groups"])
-def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
-    if _extension.load_error is not None:
-        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
-    params, opt = _two_groups("auto")
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    for p in params:
-        p.grad = torch.randn_like(p)
-    if defect == "a bad grad in the last group":
-        params[3].grad.data = torch.randn(9, dtype=torch.float64)  # (the .grad setter refuses it)
-        expected = r"param group 1, param 1: grad \(gradient\) is float64"
-    else:
-        params[2].grad = params[0].grad.view(3, 10)[:, :4]  # a view of group 0's grad
-        expected = r"param group 0, param 0: grad and param group 1, param 0: grad share memory"
+def _assert_step_refused(opt, params, expected: str) -> None:
+    """opt.step() raises a ValueError matching `expected`, and changes no param and no state."""
     before = [p.detach().clone() for p in params], {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
     with pytest.raises(ValueError, match=expected):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
     assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+
+
+@pytest.mark.parametrize("defect", ["a bad grad in the last group", "a grad shared across groups"])
+def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    params, opt = _two_groups("auto")
+    for _ in range(2):  # (the first creates the state, the second builds the fast step's lists)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert set(opt._fast_cache) == {0, 1}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if defect == "a bad grad in the last group":
+        params[3].grad.data = torch.randn(9, dtype=torch.float64)  # (the .grad setter refuses it)
+        expected = r"param group 1, param 1: grad \(gradient\) is float64"
+    else:  # a dense view of group 0's grad, laid out as its param: only the test across calls sees it
+        params[2].grad = params[0].grad.view(-1)[:12].view(3, 4)
+        expected = r"param group 0, param 0: grad and param group 1, param 0: grad share memory"
+    _assert_step_refused(opt, params, expected)
 
 
 def _eight_bit_groups(backend, dtype=torch.float32, **options):
@@ -581,7 +588,8 @@ def test_eight_bit_groups_take_the_fast_step_and_compute_the_references_bits(dty
             assert_same_bits(value, ref_opt.state[ref][key], name=key)
 
 
-def test_a_refusal_in_the_second_call_of_an_eight_bit_group_changes_nothing():
+@pytest.mark.parametrize("defect", ["a bad grad in the second call", "a grad shared across the calls"])
+def test_a_refusal_in_the_second_call_of_an_eight_bit_group_changes_nothing(defect):
     """The small tensors' call comes after the codes' call: its refusal must still come before
     the codes, their scales or any param are written."""
     if _extension.load_error is not None:
@@ -594,12 +602,13 @@ def test_a_refusal_in_the_second_call_of_an_eight_bit_group_changes_nothing():
     assert len(opt._fast_cache[0].parts) == 2
     for p in params:
         p.grad = torch.randn_like(p)
-    params[3].grad.data = torch.randn(3, 4, dtype=torch.float64)  # (the .grad setter refuses it)
-    before = [p.detach().clone() for p in params], {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
-    with pytest.raises(ValueError, match=r"param group 0, param 3: grad \(gradient\) is float64"):
-        opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
-    assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
+    if defect == "a bad grad in the second call":
+        params[3].grad.data = torch.randn(3, 4, dtype=torch.float64)  # (the .grad setter refuses it)
+        expected = r"param group 0, param 3: grad \(gradient\) is float64"
+    else:  # a small param's grad in the codes' param's grad
+        params[1].grad = params[0].grad.view(-1)[:7]
+        expected = r"param group 0, param 0: grad and param group 0, param 1: grad share memory"
+    _assert_step_refused(opt, params, expected)
 
 
 def _state_of_another_dtype(opt, p, stored):
@@ -617,6 +626,8 @@ OTHER_STATE_DTYPES = {
     "float32 state replaced by bf16": (None, lambda opt, p: _state_of_another_dtype(opt, p, torch.bfloat16)),
     "the group's state_dtype changed": ("8bit", lambda opt, p: opt.param_groups[0].__setitem__("state_dtype", torch.bfloat16)),
     "the param's dtype changed (module.to)": (None, lambda opt, p: setattr(p, "data", p.data.bfloat16())),
+    "bf16 state's .data swapped to float32": (torch.bfloat16, lambda opt, p: [
+        setattr(opt.state[p][key], "data", opt.state[p][key].data.float()) for key in ("square_avg", "momentum_buffer")]),
 }
 
 
@@ -641,6 +652,42 @@ def test_state_of_another_dtype_than_the_group_asks_for_is_refused_by_every_path
         assert torch.equal(p, before)
         errors.append(str(error.value))
     assert errors[0] == errors[1]
+
+
+def _clipped_two_groups(backend, defect):
+    params, opt = _two_groups(backend, max_grad_norm=1.0, error_if_nonfinite=True)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    norm = opt.grad_norm.clone()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[3].grad.data = torch.randn(9, dtype=torch.float64)  # (the .grad setter refuses it)
+    if defect == "and an inf grad elsewhere":
+        params[0].grad[0, 0] = float("inf")
+    elif defect == "and a bad option in the last group":
+        opt.param_groups[1]["alpha"] = -1.0
+    return params, opt, norm
+
+
+@pytest.mark.parametrize("defect", ["alone", "and an inf grad elsewhere", "and a bad option in the last group"])
+def test_a_refused_fast_step_raises_what_the_full_path_raises_and_keeps_grad_norm(defect):
+    """A bad grad in the last group (the op's checks find it), with another defect that the fast
+    step meets first (a non-finite clipping norm with error_if_nonfinite, the last group's
+    options): the error is the full path's, checked in its order, and grad_norm keeps the last
+    step's norm."""
+    if _extension.load_error is not None:
+        pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
+    errors = []
+    for backend in ("auto", "reference"):
+        params, opt, norm = _clipped_two_groups(backend, defect)
+        with pytest.raises((ValueError, RuntimeError)) as error:
+            opt.step()
+        assert torch.equal(opt.grad_norm, norm)
+        errors.append((type(error.value), str(error.value)))
+    assert errors[0] == errors[1]
+    assert issubclass(errors[0][0], ValueError)  # (not the norm's RuntimeError: the checks come first)
 
 
 def optimizer_state_value(state: dict, key: str) -> torch.Tensor:
