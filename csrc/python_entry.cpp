@@ -47,11 +47,11 @@ void step_(const Tensors& params, const Tensors& grads, const Tensors& square_av
 
 // The lists of a step that do not change from one step to the next (the params, their state and
 // its 8-bit scales), held converted; step() adds the grads and the scalars and calls the op, which
-// checks everything, these tensors included, as on any call. call<true> runs the checks alone
-// (step_all checks every call before it writes any). Both first check that each
-// param's state has the dtype its group asks for (expected_state_dtype, as first_irregular): the
-// op takes any state dtype its kernels update, and a param's dtype may change under the lists
-// (module.to() swaps .data).
+// checks everything, these tensors included, as on any call. call<true> runs the checks alone,
+// but for shared memory, which step_all (its caller) tests across all its calls before it writes
+// any. Both first check that each param's state has the dtype its group asks for
+// (expected_state_dtype, as first_irregular): the op takes any state dtype its kernels update,
+// and a param's dtype may change under the lists (module.to() swaps .data).
 class StepLists {
  public:
   StepLists(Tensors params, Tensors square_avgs, Tensors grad_avgs, Tensors momentum_buffers,
@@ -96,8 +96,10 @@ class StepLists {
                                          decoupled_weight_decay, nesterov, bias_correction,
                                          variance_state, rounding_seed},
           lr_tensor, grad_scale, found_inf, clip_coef};
+      // (no overlap test: step_all's, across all its calls, covers this one's)
       rmsprop_fused::check_op_args(
-          args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type());
+          args, params_.empty() ? c10::DeviceType::CPU : params_.front().device().type(),
+          /*check_overlap=*/false);
     } else {
       step_(params_, grads, square_avgs_, grad_avgs_, momentum_buffers_, state_steps_,
             square_avg_scales_, grad_avg_scales_, momentum_buffer_scales_, lr, alpha, eps,

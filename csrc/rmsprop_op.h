@@ -219,7 +219,10 @@ inline void check_no_overlap(const TensorLists& lists) {
 
 // Checks that the lists describe one (device, param dtype, state dtype) group of dense, matching,
 // non-overlapping tensors of supported dtypes on `device_type`, with consistent options.
-inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
+// `check_overlap` false leaves out check_no_overlap, for a caller that tests these tensors with
+// others for shared memory itself before any write (csrc/python_entry.cpp step_all).
+inline void check_op_args(const StepArgs& args, c10::DeviceType device_type,
+                          bool check_overlap = true) {
   const TensorLists& l = args.lists;
   const Hyperparameters& h = args.hyper;
   const size_t n = l.params.size();
@@ -334,7 +337,7 @@ inline void check_op_args(const StepArgs& args, c10::DeviceType device_type) {
   check_scalar_tensor(args.grad_scale, "grad_scale", first.device());
   check_scalar_tensor(args.found_inf, "found_inf", first.device());
   check_scalar_tensor(args.clip_coef, "clip_coef", first.device());
-  check_no_overlap(l);
+  if (check_overlap) check_no_overlap(l);
 }
 
 }  // namespace rmsprop_fused

@@ -532,7 +532,8 @@ def _assert_step_refused(opt, params, expected: str) -> None:
     assert all(torch.equal(v, before[1][id(p)][k]) for p, s in opt.state.items() for k, v in s.items())
 
 
-@pytest.mark.parametrize("defect", ["a bad grad in the last group", "a grad shared across groups"])
+@pytest.mark.parametrize("defect", ["a bad grad in the last group", "a grad shared across groups",
+                                    "a grad shared within a group"])
 def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
     if _extension.load_error is not None:
         pytest.skip(f"the fast step calls the compiled op: {_extension.load_error}")
@@ -547,9 +548,12 @@ def test_a_refusal_in_any_group_of_a_fast_step_changes_no_group(defect):
     if defect == "a bad grad in the last group":
         params[3].grad.data = torch.randn(9, dtype=torch.float64)  # (the .grad setter refuses it)
         expected = r"param group 1, param 1: grad \(gradient\) is float64"
-    else:  # a dense view of group 0's grad, laid out as its param: only the test across calls sees it
+    elif defect == "a grad shared across groups":  # a dense view laid out as its param: only the test across calls sees it
         params[2].grad = params[0].grad.view(-1)[:12].view(3, 4)
         expected = r"param group 0, param 0: grad and param group 1, param 0: grad share memory"
+    else:
+        params[1].grad = params[0].grad.view(-1)[:7]
+        expected = r"param group 0, param 0: grad and param group 0, param 1: grad share memory"
     _assert_step_refused(opt, params, expected)
 
 
