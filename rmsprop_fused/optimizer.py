@@ -15,7 +15,7 @@ from . import _quantization as quantization
 from .errors import BackendUnavailableError
 from .functional import (
     _PLAIN_TENSOR_TYPES, _REAL_DTYPE, OPTIMIZER_LABELS, SCALE_NAMES, STATE_NAMES, Lists, _on, _stores_16_bit, apply_checked,
-    check_hyperparameters, check_no_overlap, check_param, expected_state_dtype_arguments, first_irregular,
+    _groups, check_hyperparameters, check_no_overlap, check_param, expected_state_dtype_arguments, first_irregular,
 )
 
 __all__ = ["FusedRMSprop"]
@@ -153,7 +153,7 @@ def _plain_state(items: dict) -> collections.defaultdict:
 class _FastPart(NamedTuple):
     """One call of a group's fast step: its params (in the group's order), their state dtype, and
     the converted lists (rmsprop_fused._C.StepLists). A group has a part per (device, param dtype,
-    state dtype), as the full path splits it (functional._groups), so that each tensor has the
+    state dtype), split by the full path's own functional._groups, so that each tensor has the
     same index in its call, and rounds alike: usually one, two in an 8-bit group with tensors
     under MIN_QUANTIZED_NUMEL, which keep float32 state."""
 
@@ -577,8 +577,8 @@ class FusedRMSprop(Optimizer):
             self.grad_norm = clip.norm
 
     def _fast_step(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> bool:
-        """The common step in one call of the op per param group (two for an 8-bit group with
-        small tensors), with no per-param Python checks: groups of plain tensors that all have
+        """The common step in one call of the op per group's part (usually one a group, two for
+        an 8-bit group with small tensors), with no per-param Python checks: groups of plain tensors that all have
         grads and state, in the dtypes their state_dtype asks for, and a compiled backend. The
         op checks everything itself before it writes (a refusal is a ValueError,
         and changes nothing), and one call is atomic, so when it refuses, the full path runs and
@@ -687,13 +687,7 @@ class FusedRMSprop(Optimizer):
             return None  # the full path checks it, and takes it or words why not
         parts = []
         requested, min_quantized_numel = expected_state_dtype_arguments(state_dtype)
-        kinds = [(p.device, p.dtype, t.dtype) for p, t in zip(params, lists.square_avgs)]
-        for kind in dict.fromkeys(kinds):
-            members = [k for k, other in enumerate(kinds) if other == kind]
-            part = Lists(*([tensors[k] for k in members] if tensors else [] for tensors in lists))
-            part_dtype = kind[2]
-            if part_dtype != torch.uint8:  # (scales belong to 8-bit state only)
-                part = part._replace(square_avg_scales=[], grad_avg_scales=[], momentum_buffer_scales=[])
+        for (_, _, part_dtype), part in _groups(lists).items():  # (the full path's own split)
             handle = _extension.step_lists(part.params, *part[2:], requested_state_dtype=requested,
                                            min_quantized_numel=min_quantized_numel)
             parts.append(_FastPart(part.params, part_dtype, handle))
